@@ -1,0 +1,186 @@
+"""Console scripts: cllm-convert, cllm-info, cllm-verify. Thin wrappers: every CllmError is
+printed as one line 'cllm-X: error: ...' and exits non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+from . import constants as C
+from .errors import CllmError
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except CllmError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        return int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 1M)") from None
+
+
+# --- cllm-convert --------------------------------------------------------------------------
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cllm-convert",
+        description=(
+            "Convert a safetensors checkpoint to a .cllm file: 2-D float weights (linear layers, "
+            "embeddings, lm_head) become int8 with one float32 scale per row; everything else is "
+            "kept exact. All data is cut into independent zstd-compressed chunks with checksums. "
+            "Memory stays at about twice the largest tensor; the output appears only when complete."
+        ),
+        epilog="examples:\n  cllm-convert model.safetensors\n  cllm-convert ./Llama-2-7b-hf -o llama2-7b.cllm --threads 8\n"
+        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json) or a Hugging Face model folder")
+    p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
+    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
+    p.add_argument("--level", type=int, default=3, help="zstd compression level, -7..22 (default 3)")
+    p.add_argument("--chunk-size", type=_size, default=C.DEFAULT_CHUNK_SIZE, help="raw bytes per chunk (default 64K; 4K..16M)")
+    p.add_argument("--threads", type=int, default=None, help="compression threads (default: all cores)")
+    p.add_argument("--keep-regex", help="tensors whose names match this regular expression stay raw (e.g. 'lm_head|embed')")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = p.parse_args(argv)
+    if not C.MIN_CHUNK_SIZE <= args.chunk_size <= C.MAX_CHUNK_SIZE:
+        p.error(f"--chunk-size must be between {C.MIN_CHUNK_SIZE} and {C.MAX_CHUNK_SIZE}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+
+    def body() -> int:
+        from tqdm import tqdm
+
+        from .convert import convert
+
+        bar = None
+
+        def on_start(total: int) -> None:
+            nonlocal bar
+            if not args.quiet:
+                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr)
+
+        try:
+            report = convert(
+                args.input, args.output, quantize=args.quantize, level=args.level, chunk_size=args.chunk_size,
+                threads=args.threads, keep_regex=args.keep_regex, overwrite=args.force,
+                progress=(lambda n: bar.update(n)) if not args.quiet else None, on_start=on_start,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if not args.quiet:
+            print(report.summary(), file=sys.stderr)
+        return 0
+
+    return _run("cllm-convert", body)
+
+
+# --- cllm-info -------------------------------------------------------------------------------
+
+
+def info_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cllm-info",
+        description="Show what a .cllm file holds: version, tensors, encodings, sizes and ratios, "
+        "the order-0 entropy floor of its int8 data, embedded files and metadata.",
+    )
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--no-floor", action="store_true", help="skip the entropy floor (it decodes every int8 tensor)")
+    p.add_argument("--tensors", action="store_true", help="list every tensor (default: the 20 largest)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from .reader import open_cllm
+        from .stats import describe, human
+
+        with open_cllm(args.file) as f:
+            d = describe(f, floor=not args.no_floor)
+        if args.json:
+            print(json.dumps(d, indent=2))
+            return 0
+        print(f"{d['path']}: .cllm v{d['version']}, {human(d['file_bytes'])} ({d['file_bytes']} bytes)")
+        for k, v in d["metadata"].items():
+            print(f"  {k}: {v}")
+        enc = ", ".join(f"{n} {k}" for k, n in d["encodings"].items())
+        print(f"tensors: {d['tensor_count']} ({enc}); {len(d['aliases'])} tied; {d['groups']} layer groups; index {human(d['index_bytes'])}")
+        rows = d["tensors"] if args.tensors else sorted(d["tensors"], key=lambda t: -t["stored_bytes"])[:20]
+        w = max([len(t["name"]) for t in rows] + [4])
+        print(f"\n  {'name':<{w}}  {'shape':<16} {'dtype':<5} {'encoding':<9} {'stored':>10} {'of bf16':>8}")
+        for t in rows:
+            ratio = f"{t['ratio_bf16']:.3f}" if t["ratio_bf16"] is not None else "-"
+            print(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<16} {t['dtype']:<5} {t['encoding']:<9} {human(t['stored_bytes']):>10} {ratio:>8}")
+        if not args.tensors and len(d["tensors"]) > len(rows):
+            print(f"  ... {len(d['tensors']) - len(rows)} more (--tensors lists all)")
+        for alias, target in d["aliases"].items():
+            print(f"  {alias} -> {target} (tied)")
+        print(f"\ntotal: {human(d['file_bytes'])} = {d['ratio_bf16']:.4f} of bf16 ({human(d['bf16_bytes'])}), "
+              f"{d['ratio_logical']:.4f} of the original dtypes ({human(d['logical_bytes'])})")
+        if "floor_bytes" in d:
+            print(f"floor (order-0 entropy of int8 values + scales, raw tensors as stored): {human(d['floor_bytes'])} = "
+                  f"{d['floor_ratio_bf16']:.4f} of bf16; this file is {100 * d['over_floor']:+.2f}% over it")
+        if d["files"]:
+            print("embedded files: " + ", ".join(f"{n} ({human(s)})" for n, s in d["files"].items()))
+        return 0
+
+    return _run("cllm-info", body)
+
+
+# --- cllm-verify -----------------------------------------------------------------------------
+
+
+def verify_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cllm-verify",
+        description="Check a .cllm file completely: header, index, every chunk's checksum, a strict "
+        "decode of every chunk, and zero padding. Exit 0 when sound, 1 with a report when not.",
+    )
+    p.add_argument("file")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is sound")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from .reader import open_cllm
+
+        with open_cllm(args.file) as f:
+            problems = f.verify()
+            chunks = sum(s.num_chunks for _, _, s in f.index.iter_streams())
+        if problems:
+            print(f"{args.file}: NOT SOUND — {len(problems)} problem(s):", file=sys.stderr)
+            for pr in problems[:100]:
+                print(f"  {pr}", file=sys.stderr)
+            if len(problems) > 100:
+                print(f"  ... and {len(problems) - 100} more", file=sys.stderr)
+            return 1
+        if not args.quiet:
+            print(f"{args.file}: OK — header, index and {chunks} chunks verified")
+        return 0
+
+    return _run("cllm-verify", body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(convert_main())

@@ -1,0 +1,6 @@
+"""Chunk codecs behind one interface, looked up by id or name."""
+
+from .base import ChunkCodec, get_codec, register
+from .zstd import ZstdCodec
+
+__all__ = ["ChunkCodec", "ZstdCodec", "get_codec", "register"]

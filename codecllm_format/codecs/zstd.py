@@ -1,0 +1,83 @@
+"""CPU zstd codec (python-zstandard). Each chunk is one standard zstd frame that records its
+content size; no dictionary, no frame checksum (the chunk table checksums stored bytes)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import zstandard
+
+from ..constants import Codec
+from ..errors import DecodeError
+from .base import Buffer, ChunkCodec, register
+
+
+@register
+class ZstdCodec(ChunkCodec):
+    codec_id = Codec.ZSTD
+    name = "zstd"
+
+    def __init__(self, level: int = 3):
+        if not -7 <= level <= 22:
+            raise ValueError(f"zstd level must be in [-7, 22], got {level}")
+        self.level = level
+        self._cctx = zstandard.ZstdCompressor(
+            level=level, write_content_size=True, write_checksum=False, write_dict_id=False
+        )
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def encode(self, chunks: Sequence[Buffer], threads: int = 1) -> list[Buffer]:
+        if not chunks:
+            return []
+        if threads <= 1 or len(chunks) == 1:
+            return [self._cctx.compress(c) for c in chunks]
+        result = self._cctx.multi_compress_to_buffer(list(chunks), threads=threads)
+        return [memoryview(seg) for seg in result]
+
+    def _check_content_size(self, frame: Buffer, raw_size: int, where: str) -> None:
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as e:
+            raise DecodeError(f"{where}: not a zstd frame ({e})") from None
+        if declared != raw_size:
+            raise DecodeError(
+                f"{where}: zstd frame declares {declared} decoded bytes, the index says {raw_size}"
+            )
+
+    def decode_into(
+        self, frames: Sequence[Buffer], raw_sizes: Sequence[int], out: memoryview, threads: int = 1, where: str = ""
+    ) -> None:
+        if not frames:
+            return
+        for i, (f, n) in enumerate(zip(frames, raw_sizes)):
+            self._check_content_size(f, n, f"{where} chunk {i}")
+        sizes = np.asarray(raw_sizes, dtype="<u8")
+        try:
+            result = self._dctx.multi_decompress_to_buffer(
+                list(frames), decompressed_sizes=sizes.tobytes(), threads=max(1, threads)
+            )
+        except zstandard.ZstdError as e:
+            raise DecodeError(f"{where}: zstd decode failed ({e})") from None
+        pos = 0
+        dst = np.frombuffer(out, dtype=np.uint8)
+        for seg in result:
+            n = len(seg)
+            dst[pos : pos + n] = np.frombuffer(seg, dtype=np.uint8)
+            pos += n
+        if pos != len(out):
+            raise DecodeError(f"{where}: decoded {pos} bytes, expected {len(out)}")
+
+    def check_frame(self, frame: Buffer, raw_size: int, where: str = "") -> None:
+        self._check_content_size(frame, raw_size, where)
+        dobj = self._dctx.decompressobj()
+        try:
+            data = dobj.decompress(frame)
+        except zstandard.ZstdError as e:
+            raise DecodeError(f"{where}: zstd decode failed ({e})") from None
+        if not dobj.eof:
+            raise DecodeError(f"{where}: zstd frame is incomplete")
+        if dobj.unused_data:
+            raise DecodeError(f"{where}: {len(dobj.unused_data)} bytes after the zstd frame")
+        if len(data) != raw_size:
+            raise DecodeError(f"{where}: decoded {len(data)} bytes, expected {raw_size}")

@@ -1,0 +1,130 @@
+"""Format constants of .cllm v1.
+
+Everything here is mirrored by spec/FORMAT.md; tests/test_spec_agreement.py parses the
+spec's tables and checks that they and this module agree. Change both or neither.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+# --- header -----------------------------------------------------------------------------
+
+MAGIC = b"CLLM\r\n\x1a\n"
+"""8 bytes. The CR LF / Ctrl-Z / LF tail catches text-mode and line-ending mangling (as PNG)."""
+
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+HEADER_SIZE = 64
+HEADER_STRUCT = struct.Struct("<8sHHIQQQQQQ")
+"""magic, major, minor, flags, index_offset, index_length, index_checksum, file_length,
+reserved (must be 0), header_checksum (XXH3-64 of the 56 bytes before it)."""
+assert HEADER_STRUCT.size == HEADER_SIZE
+
+HEADER_CHECKSUM_OFFSET = 56
+
+KNOWN_FLAGS = 0
+"""No header flag is defined in v1.0: a reader MUST reject any set bit it does not know."""
+
+# --- alignment --------------------------------------------------------------------------
+
+CHUNK_ALIGNMENT = 16
+GROUP_ALIGNMENT = 4096
+INDEX_ALIGNMENT = 16
+DATA_START = GROUP_ALIGNMENT
+"""The first layer group starts at byte 4096; bytes 64..4095 are zero padding."""
+
+# --- chunking ---------------------------------------------------------------------------
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MIN_CHUNK_SIZE = 4 * 1024
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+CHUNK_RECORD_STRUCT = struct.Struct("<QIIQ")
+"""One chunk-table record: offset (absolute), stored_length, raw_length, checksum."""
+CHUNK_RECORD_SIZE = CHUNK_RECORD_STRUCT.size
+MAX_ZSTD_EXPANSION = 32768
+"""A zstd frame cannot decode to more than 32768 x its own size (an RLE block of 128 KiB
+costs 4 bytes); a chunk claiming more is rejected before anything is allocated."""
+
+# --- limits (a reader MUST reject files over these) -------------------------------------
+
+MAX_INDEX_LENGTH = 256 * 1024 * 1024
+MAX_TENSORS = 1_000_000
+MAX_NDIM = 8
+MAX_NAME_LENGTH = 1024
+MAX_GROUPS = 100_000
+MAX_FILES = 256
+MAX_EMBEDDED_FILE_LENGTH = 256 * 1024 * 1024
+MAX_METADATA_ENTRIES = 4096
+MAX_METADATA_VALUE_LENGTH = 1024 * 1024
+
+
+class DType(enum.IntEnum):
+    """Logical element type of a tensor (what get_tensor returns)."""
+
+    F32 = 1
+    F16 = 2
+    BF16 = 3
+    F64 = 4
+    I8 = 5
+    U8 = 6
+    I16 = 7
+    I32 = 8
+    I64 = 9
+    BOOL = 10
+
+
+DTYPE_SIZE = {
+    DType.F32: 4,
+    DType.F16: 2,
+    DType.BF16: 2,
+    DType.F64: 8,
+    DType.I8: 1,
+    DType.U8: 1,
+    DType.I16: 2,
+    DType.I32: 4,
+    DType.I64: 8,
+    DType.BOOL: 1,
+}
+
+FLOAT_DTYPES = frozenset({DType.F32, DType.F16, DType.BF16, DType.F64})
+
+
+class Encoding(enum.IntEnum):
+    """How a tensor's values are represented in its streams."""
+
+    RAW = 1
+    """One stream: the tensor's bytes, little-endian, row-major, in its logical dtype."""
+    INT8_ROW = 2
+    """Two streams: int8 values (row-major), then float32 scales, one per row (dim 0).
+    value = int8 * scale[row]. Only for float tensors of 2 dimensions."""
+
+
+ENCODING_STREAMS = {
+    Encoding.RAW: ("data",),
+    Encoding.INT8_ROW: ("q", "scale"),
+}
+
+
+class Codec(enum.IntEnum):
+    """How a stream's chunks are stored."""
+
+    ZSTD = 1
+    """Each chunk is exactly one standard zstd frame (RFC 8878) with its content size."""
+
+
+class Checksum(enum.IntEnum):
+    """Checksum algorithm for the header, the index and every stored chunk."""
+
+    XXH3_64 = 1
+
+
+CHECKSUM_ALGORITHM = Checksum.XXH3_64
+
+# --- well-known metadata keys -----------------------------------------------------------
+
+META_CREATED_BY = "created_by"
+META_SOURCE = "source"
+META_QUANTIZE = "quantize"

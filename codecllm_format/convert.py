@@ -1,0 +1,384 @@
+"""safetensors checkpoint (file, sharded folder, Hugging Face model folder) -> .cllm.
+
+Streaming: tensors are read one at a time through safetensors' lazy `safe_open`, encoded,
+compressed and written, so peak memory is about twice the largest tensor plus buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import __version__
+from . import constants as C
+from .checksums import xxh3_64
+from .errors import CllmError, ConversionError
+from .quant import NonFiniteError
+from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
+
+EMBEDDED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+)
+"""Files beside the weights that are embedded when present (config, tokenizer, pooling)."""
+
+BLOCK_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+"""A tensor whose name matches belongs to the layer group named by the first group."""
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders 'layers.2' before 'layers.10'."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def group_of(name: str) -> str:
+    """Layer group of a tensor: its transformer block ('model.layers.3'), else its own name."""
+    m = BLOCK_RE.match(name)
+    return m.group(1) if m else name
+
+
+@dataclass
+class SourceTensor:
+    name: str
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * SAFETENSORS_DTYPES[self.dtype].itemsize if self.dtype in SAFETENSORS_DTYPES else 0
+
+
+@dataclass
+class Checkpoint:
+    """What was found at the input path: tensors by name, and the folder of side files."""
+
+    tensors: dict[str, SourceTensor]
+    aux_dir: Path | None
+    label: str
+    shards: list[Path] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _shards_of(path: Path) -> tuple[list[Path], Path | None]:
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            return _shards_from_index(index), path
+        single = path / "model.safetensors"
+        if single.is_file():
+            return [single], path
+        found = sorted(path.glob("*.safetensors"))
+        if found:
+            return found, path
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf", ".ckpt"))
+        hint = f" (found {others[:3]}: load them with transformers and save with save_pretrained(safe_serialization=True))" if others else ""
+        raise ConversionError(f"{path}: no .safetensors weights in this folder{hint}")
+    if path.name.endswith(".safetensors.index.json"):
+        return _shards_from_index(path), path.parent
+    return [path], path.parent
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()}, key=natural_key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{index}: not a valid safetensors index ({e})") from None
+    paths = []
+    for s in shards:
+        p = index.parent / s
+        if Path(s).is_absolute() or ".." in Path(s).parts:
+            raise ConversionError(f"{index}: shard path {s!r} leaves the folder")
+        if not p.is_file():
+            raise ConversionError(f"{index}: shard {s} is missing")
+        paths.append(p)
+    return paths
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Find and read the headers of a checkpoint's safetensors files.
+
+    Raises:
+        ConversionError: missing input, not safetensors, unreadable header, duplicate tensors.
+    """
+    path = Path(path)
+    shards, aux = _shards_of(path)
+    tensors: dict[str, SourceTensor] = {}
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = sl.get_dtype()
+                    if name in tensors:
+                        raise ConversionError(f"tensor {name!r} is in both {tensors[name].shard.name} and {shard.name}")
+                    tensors[name] = SourceTensor(name, shard, dtype, tuple(sl.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"{shard}: not a readable safetensors file ({e})") from None
+        except Exception as e:  # safetensors raises plain exceptions for some header problems
+            if isinstance(e, CllmError):
+                raise
+            raise ConversionError(f"{shard}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if not tensors:
+        raise ConversionError(f"{path}: the checkpoint holds no tensors")
+    for t in tensors.values():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"tensor {t.name!r}: dtype {t.dtype} is not supported by .cllm v1")
+    return Checkpoint(tensors=tensors, aux_dir=aux, label=path.name, shards=shards)
+
+
+def choose_encoding(t: SourceTensor, quantize: str, keep: re.Pattern | None) -> C.Encoding:
+    """int8_row for 2-D float tensors (linear weights, embeddings, lm_head) unless excluded."""
+    if quantize == "none" or (keep is not None and keep.search(t.name)):
+        return C.Encoding.RAW
+    if len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16", "F64") and t.shape[0] > 0 and t.shape[1] > 0:
+        return C.Encoding.INT8_ROW
+    return C.Encoding.RAW
+
+
+def default_output(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        return path.parent / (path.resolve().name + ".cllm")
+    if path.name.endswith(".safetensors.index.json"):
+        return path.parent / (path.parent.resolve().name + ".cllm")
+    return path.with_suffix(".cllm")
+
+
+def clean_stale_partials(target: Path) -> list[Path]:
+    """Remove temp files left beside `target` by converters that died (pid no longer alive)."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.*{PARTIAL_SUFFIX}"):
+        m = re.search(r"\.(\d+)-[0-9a-f]+" + re.escape(PARTIAL_SUFFIX) + "$", p.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+@dataclass
+class ConversionReport:
+    input_bytes: int
+    bf16_bytes: int
+    output_bytes: int
+    seconds: float
+    tensors: int
+    int8_tensors: int
+    aliases: dict[str, str]
+    files: list[str]
+    output: Path
+
+    @property
+    def ratio(self) -> float:
+        return self.output_bytes / max(1, self.input_bytes)
+
+    @property
+    def ratio_bf16(self) -> float:
+        return self.output_bytes / max(1, self.bf16_bytes)
+
+    def summary(self) -> str:
+        mbps = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
+        return (
+            f"wrote {self.output} — {self.tensors} tensors ({self.int8_tensors} int8"
+            f"{', ' + str(len(self.aliases)) + ' tied' if self.aliases else ''}), {len(self.files)} embedded files\n"
+            f"input {self.input_bytes / 1e6:.1f} MB -> output {self.output_bytes / 1e6:.1f} MB: "
+            f"{self.ratio:.3f} of input, {self.ratio_bf16:.3f} of bf16; {self.seconds:.1f} s, {mbps:.0f} MB/s"
+        )
+
+
+def convert(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    *,
+    quantize: str = "int8",
+    level: int = 3,
+    chunk_size: int = C.DEFAULT_CHUNK_SIZE,
+    threads: int | None = None,
+    keep_regex: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> ConversionReport:
+    """Convert a safetensors checkpoint to .cllm.
+
+    Args:
+        input_path: a .safetensors file, a sharded folder or index, or an HF model folder.
+        output_path: target (default: input stem + .cllm). Written atomically.
+        quantize: "int8" (2-D float tensors to int8_row) or "none" (everything raw).
+        level, chunk_size, threads: zstd settings.
+        keep_regex: tensors whose names match stay raw.
+        overwrite: replace an existing output.
+        progress: called with increments of input bytes processed.
+        on_start: called once with the total input bytes.
+
+    Returns:
+        A ConversionReport.
+
+    Raises:
+        ConversionError: bad input, existing output, non-finite weights, out of disk space.
+    """
+    if quantize not in ("int8", "none"):
+        raise ConversionError(f"--quantize must be int8 or none, got {quantize!r}")
+    keep = None
+    if keep_regex:
+        try:
+            keep = re.compile(keep_regex)
+        except re.error as e:
+            raise ConversionError(f"--keep-regex {keep_regex!r} is not a valid regular expression ({e})") from None
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(input_path)
+    out = Path(output_path) if output_path is not None else default_output(Path(input_path))
+    if out.is_dir():
+        raise ConversionError(f"{out}: output is a folder")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} exists (pass --force to overwrite)")
+    if any(out.resolve() == s.resolve() for s in ckpt.shards):
+        raise ConversionError(f"{out}: output would overwrite the input")
+    if not out.parent.is_dir():
+        raise ConversionError(f"{out.parent}: output folder does not exist")
+    clean_stale_partials(out)
+    if on_start is not None:
+        on_start(ckpt.nbytes)
+
+    meta = {
+        C.META_CREATED_BY: f"codecllm-format {__version__}",
+        C.META_SOURCE: ckpt.label,
+        C.META_QUANTIZE: quantize,
+    }
+    side_files: dict[str, bytes] = {}
+    if ckpt.aux_dir is not None:
+        for name in EMBEDDED_FILES:
+            p = ckpt.aux_dir / name
+            if p.is_file():
+                side_files[name] = p.read_bytes()
+    if "config.json" in side_files:
+        try:
+            cfg = json.loads(side_files["config.json"])
+            if cfg.get("architectures"):
+                meta["architecture"] = str(cfg["architectures"][0])
+            if cfg.get("model_type"):
+                meta["model_type"] = str(cfg["model_type"])
+        except (ValueError, AttributeError, TypeError):
+            raise ConversionError(f"{ckpt.aux_dir / 'config.json'}: not valid JSON") from None
+    meta.update(metadata or {})
+
+    groups: dict[str, list[SourceTensor]] = {}
+    for t in ckpt.tensors.values():
+        groups.setdefault(group_of(t.name), []).append(t)
+    handles: dict[Path, object] = {}
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    int8 = 0
+    bf16_bytes = 0
+    try:
+        with CllmWriter(out, chunk_size=chunk_size, level=level, threads=threads or os.cpu_count() or 1, metadata=meta) as w:
+            for gname in sorted(groups, key=natural_key):
+                members = sorted(groups[gname], key=lambda t: natural_key(t.name))
+                began = False
+                for st in members:
+                    if st.shard not in handles:
+                        handles[st.shard] = safe_open(st.shard, framework="pt")
+                    tensor = handles[st.shard].get_tensor(st.name)
+                    elem = 2 if tensor.is_floating_point() else tensor.element_size()
+                    bf16_bytes += tensor.numel() * elem
+                    key = (tuple(tensor.shape), str(tensor.dtype), xxh3_64(tensor_bytes(tensor))) if tensor.numel() else None
+                    if key is not None and key in seen:
+                        other = seen[key]
+                        earlier = handles[ckpt.tensors[other].shard].get_tensor(other)
+                        if torch.equal(earlier.view(torch.uint8) if earlier.dtype != torch.bool else earlier,
+                                       tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor):
+                            aliases[st.name] = other
+                            if progress is not None:
+                                progress(st.nbytes)
+                            continue
+                    if not began:
+                        w.begin_group(gname)
+                        began = True
+                    enc = choose_encoding(st, quantize, keep)
+                    try:
+                        w.add_tensor(st.name, tensor, enc, progress=progress)
+                    except NonFiniteError:
+                        raise ConversionError(
+                            f"tensor {st.name!r} holds NaN or infinity and cannot be quantized; "
+                            f"keep it raw with --keep-regex '{re.escape(st.name)}'"
+                        ) from None
+                    if key is not None:
+                        seen[key] = st.name
+                    int8 += enc == C.Encoding.INT8_ROW
+                    del tensor
+            for alias, target in aliases.items():
+                w.add_alias(alias, target)
+            for name, data in side_files.items():
+                w.add_file(name, data)
+            w.finish()
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise ConversionError(f"out of disk space writing {out}; nothing was written") from None
+        if e.errno == 27:  # EFBIG
+            raise ConversionError(f"file size limit reached writing {out}; nothing was written") from None
+        raise ConversionError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+    finally:
+        handles.clear()
+    return ConversionReport(
+        input_bytes=ckpt.nbytes,
+        bf16_bytes=bf16_bytes,
+        output_bytes=out.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        tensors=len(ckpt.tensors),
+        int8_tensors=int8,
+        aliases=aliases,
+        files=list(side_files),
+        output=out,
+    )

@@ -1,0 +1,343 @@
+"""CllmWriter: streams tensors into a .cllm file, one tensor in memory at a time.
+
+An explicit state machine (NEW -> OPEN -> DONE, or ABORTED), like gguf-py's WriterState.
+Bytes go to a temporary file beside the target ('.NAME.<random>.cllm-partial'); `finish()`
+writes the index, patches the header, fsyncs and atomically renames, so the target path
+never holds a partial file. Same input, same calls -> same bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import constants as C
+from .checksums import xxh3_64
+from .codecs import get_codec
+from .errors import CllmError
+from .index import (
+    CHUNK_DTYPE,
+    EmbeddedFile,
+    Group,
+    Index,
+    Stream,
+    TensorEntry,
+    align_up,
+    encode_index,
+)
+from .quant import quantize_int8_rows
+
+PARTIAL_SUFFIX = ".cllm-partial"
+FILES_GROUP = "__files__"
+BATCH_BYTES = 32 * 1024 * 1024
+"""Raw bytes compressed per batch: bounds the compressed output held in memory."""
+
+TORCH_TO_DTYPE = {
+    torch.float32: C.DType.F32,
+    torch.float16: C.DType.F16,
+    torch.bfloat16: C.DType.BF16,
+    torch.float64: C.DType.F64,
+    torch.int8: C.DType.I8,
+    torch.uint8: C.DType.U8,
+    torch.int16: C.DType.I16,
+    torch.int32: C.DType.I32,
+    torch.int64: C.DType.I64,
+    torch.bool: C.DType.BOOL,
+}
+DTYPE_TO_TORCH = {v: k for k, v in TORCH_TO_DTYPE.items()}
+
+
+class WriterState(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+def partial_path_for(target: Path) -> Path:
+    """A fresh temporary path beside `target`, recognisable by its suffix."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Little-endian row-major bytes of a CPU tensor (no copy when already contiguous)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if not t.numel():
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+class CllmWriter:
+    """Writes a .cllm file. Use as a context manager; leaving with an exception aborts.
+
+    Args:
+        path: target path; written only at `finish()`, by atomic rename.
+        chunk_size: raw bytes per chunk (default 64 KiB).
+        level: zstd level.
+        threads: compression threads (zstandard releases the GIL).
+        metadata: free string key/values stored in the index.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        chunk_size: int = C.DEFAULT_CHUNK_SIZE,
+        level: int = 3,
+        threads: int = 1,
+        metadata: dict[str, str] | None = None,
+    ):
+        if not C.MIN_CHUNK_SIZE <= chunk_size <= C.MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be in [{C.MIN_CHUNK_SIZE}, {C.MAX_CHUNK_SIZE}], got {chunk_size}")
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self.threads = max(1, int(threads))
+        self.codec = get_codec(C.Codec.ZSTD, level=level)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.state = WriterState.NEW
+        self._tensors: list[TensorEntry] = []
+        self._groups: list[Group] = []
+        self._group_names: set[str] = set()
+        self._aliases: dict[str, str] = {}
+        self._pending_files: list[tuple[str, bytes]] = []
+        self._files: list[EmbeddedFile] = []
+        self._names: set[str] = set()
+        self._fh = None
+        self._tmp: Path | None = None
+        self._pos = 0
+        self._group_start: int | None = None
+
+    # --- state ----------------------------------------------------------------------
+
+    def _require(self, *states: WriterState) -> None:
+        if self.state not in states:
+            raise RuntimeError(f"CllmWriter is {self.state.value}; this needs {[s.value for s in states]}")
+
+    def open(self) -> "CllmWriter":
+        self._require(WriterState.NEW)
+        self._tmp = partial_path_for(self.path)
+        self._fh = open(self._tmp, "wb")
+        self._fh.write(b"\0" * C.DATA_START)
+        self._pos = C.DATA_START
+        self.state = WriterState.OPEN
+        return self
+
+    def __enter__(self) -> "CllmWriter":
+        return self.open() if self.state == WriterState.NEW else self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.state == WriterState.OPEN:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written so far; the target path is untouched."""
+        if self.state in (WriterState.DONE, WriterState.ABORTED):
+            return
+        self.state = WriterState.ABORTED
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+        if self._tmp is not None:
+            try:
+                self._tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+    # --- low-level writing -------------------------------------------------------------
+
+    def _pad_to(self, alignment: int) -> None:
+        target = align_up(self._pos, alignment)
+        if target > self._pos:
+            self._fh.write(b"\0" * (target - self._pos))
+            self._pos = target
+
+    def _close_group(self) -> None:
+        if self._group_start is not None:
+            g = self._groups[-1]
+            self._groups[-1] = Group(name=g.name, offset=g.offset, length=self._pos - g.offset)
+            self._group_start = None
+
+    def begin_group(self, name: str) -> None:
+        """Start a layer group: every chunk written until the next group is contiguous."""
+        self._require(WriterState.OPEN)
+        if not name or name in self._group_names:
+            raise ValueError(f"group name {name!r} is empty or already used")
+        self._close_group()
+        self._pad_to(C.GROUP_ALIGNMENT)
+        self._groups.append(Group(name=name, offset=self._pos, length=0))
+        self._group_names.add(name)
+        self._group_start = self._pos
+
+    def _write_stream(self, data: memoryview, progress: Callable[[int], None] | None, scale: float) -> Stream:
+        """Chunk, compress (in batches, multi-threaded) and write one stream."""
+        if self._group_start is None:
+            raise RuntimeError("begin_group() must be called before writing data")
+        length = len(data)
+        cs = self.chunk_size
+        records = np.zeros(-(-length // cs), dtype=CHUNK_DTYPE)
+        batch = max(cs, BATCH_BYTES // cs * cs)
+        i = 0
+        for b0 in range(0, length, batch):
+            raw_chunks = [data[o : min(o + cs, length)] for o in range(b0, min(b0 + batch, length), cs)]
+            frames = self.codec.encode(raw_chunks, threads=self.threads)
+            for raw, frame in zip(raw_chunks, frames):
+                self._pad_to(C.CHUNK_ALIGNMENT)
+                records[i] = (self._pos, len(frame), len(raw), xxh3_64(frame))
+                self._fh.write(frame)
+                self._pos += len(frame)
+                i += 1
+            if progress is not None:
+                progress(int(sum(len(r) for r in raw_chunks) * scale))
+        records.flags.writeable = False
+        return Stream(codec=self.codec.codec_id, length=length, chunk_size=cs, chunks=records)
+
+    def _claim_name(self, name: str) -> None:
+        if not name or len(name) > C.MAX_NAME_LENGTH:
+            raise ValueError(f"bad tensor name {name!r}")
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
+
+    # --- public API ----------------------------------------------------------------------
+
+    def add_tensor(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        encoding: C.Encoding = C.Encoding.RAW,
+        progress: Callable[[int], None] | None = None,
+    ) -> TensorEntry:
+        """Encode and write one tensor into the current group.
+
+        Args:
+            name: unique tensor name.
+            tensor: CPU tensor; its dtype becomes the logical dtype.
+            encoding: RAW, or INT8_ROW for 2-D float tensors.
+            progress: called with increments of input bytes consumed.
+
+        Raises:
+            ValueError: bad name, unsupported dtype, or an encoding the tensor can't take.
+            quant.NonFiniteError: INT8_ROW of a tensor with NaN/inf.
+        """
+        self._require(WriterState.OPEN)
+        if tensor.dtype not in TORCH_TO_DTYPE:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported by .cllm v1")
+        dtype = TORCH_TO_DTYPE[tensor.dtype]
+        self._claim_name(name)
+        in_bytes = tensor.numel() * tensor.element_size()
+        if encoding == C.Encoding.RAW:
+            streams = (self._write_stream(tensor_bytes(tensor), progress, 1.0),)
+        elif encoding == C.Encoding.INT8_ROW:
+            if tensor.dim() != 2 or dtype not in C.FLOAT_DTYPES:
+                raise ValueError(f"tensor {name!r}: int8_row needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+            q, scales = quantize_int8_rows(tensor)
+            q_bytes = q.numel()
+            scale = in_bytes / max(1, q_bytes + scales.numel() * 4)
+            streams = (
+                self._write_stream(tensor_bytes(q), progress, scale),
+                self._write_stream(tensor_bytes(scales), progress, scale),
+            )
+            del q, scales
+        else:
+            raise ValueError(f"unknown encoding {encoding!r}")
+        entry = TensorEntry(
+            name=name,
+            shape=tuple(int(d) for d in tensor.shape),
+            dtype=dtype,
+            encoding=C.Encoding(encoding),
+            group=len(self._groups) - 1,
+            streams=streams,
+        )
+        self._tensors.append(entry)
+        return entry
+
+    def add_alias(self, alias: str, target: str) -> None:
+        """Record that tensor `alias` is the same tensor as stored `target` (tied weights)."""
+        self._require(WriterState.OPEN)
+        if target not in self._names or target in self._aliases:
+            raise ValueError(f"alias target {target!r} is not a stored tensor")
+        self._claim_name(alias)
+        self._aliases[alias] = target
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Embed a file (config.json, tokenizer files...). Written in a final group."""
+        self._require(WriterState.OPEN)
+        if not name or name.startswith("/") or ".." in name.split("/") or len(name) > C.MAX_NAME_LENGTH:
+            raise ValueError(f"bad embedded file name {name!r}")
+        if any(n == name for n, _ in self._pending_files):
+            raise ValueError(f"embedded file {name!r} added twice")
+        if len(data) > C.MAX_EMBEDDED_FILE_LENGTH or len(self._pending_files) >= C.MAX_FILES:
+            raise ValueError(f"embedded file {name!r} is too large or too many files")
+        self._pending_files.append((name, bytes(data)))
+
+    @property
+    def bytes_written(self) -> int:
+        return self._pos
+
+    def finish(self) -> Path:
+        """Write embedded files, the index and the header; fsync; rename into place."""
+        self._require(WriterState.OPEN)
+        try:
+            if self._pending_files:
+                self.begin_group(FILES_GROUP)
+                for name, data in self._pending_files:
+                    stream = self._write_stream(memoryview(data), None, 1.0)
+                    self._files.append(EmbeddedFile(name=name, group=len(self._groups) - 1, stream=stream))
+            self._close_group()
+            index = Index(
+                tensors=tuple(self._tensors),
+                groups=tuple(self._groups),
+                aliases=dict(self._aliases),
+                files=tuple(self._files),
+                metadata=dict(self.metadata),
+            )
+            blob = encode_index(index)
+            if len(blob) > C.MAX_INDEX_LENGTH:
+                raise CllmError(f"index is {len(blob)} bytes, over the {C.MAX_INDEX_LENGTH} limit")
+            self._pad_to(C.INDEX_ALIGNMENT)
+            index_offset = self._pos
+            self._fh.write(blob)
+            self._pos += len(blob)
+            header = build_header(index_offset, len(blob), xxh3_64(blob), self._pos)
+            self._fh.seek(0)
+            self._fh.write(header)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self.state = WriterState.DONE
+        return self.path
+
+
+def build_header(index_offset: int, index_length: int, index_checksum: int, file_length: int, *,
+                 major: int = C.VERSION_MAJOR, minor: int = C.VERSION_MINOR, flags: int = 0) -> bytes:
+    """The 64-byte header, its own checksum included."""
+    head = C.HEADER_STRUCT.pack(
+        C.MAGIC, major, minor, flags, index_offset, index_length, index_checksum, file_length, 0, 0
+    )[: C.HEADER_CHECKSUM_OFFSET]
+    return head + xxh3_64(head).to_bytes(8, "little")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
