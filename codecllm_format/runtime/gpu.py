@@ -1,0 +1,333 @@
+"""GpuProvider: int8 weights for CompressedLinear on a CUDA device, by residency tier.
+
+Decompress -> compute -> free in fixed memory: streaming tiers share `slots` buffers allocated
+once at load (a staging buffer for compressed bytes and an output buffer for int8 + scales).
+Ordering is by CUDA events only — no host synchronization on the per-layer path:
+
+  copy stream:    [H2D group g -> staging[k]]  (waits: decode of staging[k]'s previous group read it)
+  decode stream:  [nvCOMP decode staging[k] -> slot[k]]  (waits: copy done; compute done with slot[k])
+  compute stream: waits decode done, runs the block, records "slot[k] free" at end_group
+
+While group g computes, the next group (learned from the order groups are used) is already
+copied and decoded into the other slot (prefetch). No chunk reaches nvCOMP before its
+checksum passed: memory tiers verify every chunk at load; the disk tier verifies a group the
+first time it is read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..checksums import xxh3_64
+from ..errors import ChecksumError, DeviceError
+from ..reader import CllmFile
+from .layout import GroupLayout, build_layouts
+from .nvcomp_decoder import GroupDecoder, import_nvcomp
+from .plan import STAGED_TIERS, ResidencyPlan, plan_residency
+
+log = logging.getLogger("codecllm_format.runtime")
+
+
+@dataclass
+class _Slot:
+    index: int
+    out: torch.Tensor
+    staging: torch.Tensor | None
+    host_staging: torch.Tensor | None
+    gid: int | None = None
+    free_event: torch.cuda.Event | None = None
+    """Recorded on the compute stream when the slot's group finished computing."""
+    read_event: torch.cuda.Event | None = None
+    """Recorded on the decode stream once the staging buffer has been consumed."""
+    ready_event: torch.cuda.Event | None = None
+    """Recorded on the decode stream when the slot holds the decoded group."""
+
+
+def verify_group(f: CllmFile, layout: GroupLayout, data: memoryview | bytes | None = None) -> None:
+    """Check every int8 chunk checksum of a group (on the CPU) before the GPU sees it."""
+    buf = data if data is not None else f.group_bytes(layout.gid)
+    try:
+        for i, (off, size, expected) in enumerate(
+            zip(layout.in_offsets.tolist(), layout.in_sizes.tolist(), layout.checksums.tolist())
+        ):
+            actual = xxh3_64(buf[off : off + size])
+            if actual != expected:
+                raise ChecksumError(
+                    f"group {layout.name!r} chunk {i} at offset {layout.file_offset + off}: checksum mismatch "
+                    f"(stored {expected:#018x}, computed {actual:#018x}); refusing to send it to the GPU"
+                )
+    finally:
+        if data is None and isinstance(buf, memoryview):
+            buf.release()
+
+
+class GpuProvider:
+    """WeightProvider for CUDA devices (see runtime/provider.py for the protocol).
+
+    Args:
+        f: the open file (kept open; its mmap serves the disk tier and raw reads).
+        device: a CUDA device.
+        residency: "gpu", "gpu-compressed", "host", "disk" or "auto" (with max_vram).
+        max_vram: budget for weights + reserve, bytes or "6GiB".
+        slots: streaming buffers (2 = prefetch one group ahead).
+        verify: check chunk checksums before any chunk reaches the GPU (default True).
+            False skips that for trusted files: a corrupt file may then decode to garbage.
+        prefetch: decode the next group while the current one computes.
+    """
+
+    def __init__(
+        self,
+        f: CllmFile,
+        device: torch.device | str = "cuda",
+        residency: str = "host",
+        max_vram: int | str | None = None,
+        slots: int = 2,
+        verify: bool = True,
+        prefetch: bool = True,
+        reserve: int | str | None = None,
+        cpu_fallback=None,
+    ):
+        if not torch.cuda.is_available():
+            raise DeviceError('device="cuda" but CUDA is not available (no GPU, or a CPU-only PyTorch build)')
+        import_nvcomp()  # clear CodecUnavailable before any allocation
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {self.device} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        self.file = f
+        self.verify = verify
+        self.prefetch = prefetch
+        if cpu_fallback is None:
+            from .provider import CpuProvider  # noqa: PLC0415
+
+            cpu_fallback = CpuProvider(f)
+        self.cpu_fallback = cpu_fallback
+        self.layouts = build_layouts(f.index)
+        self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
+        self.plan: ResidencyPlan = plan_residency(
+            [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve
+        )
+        with torch.cuda.device(self.device):
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.decode_stream = torch.cuda.Stream(self.device)
+            self.decoder = GroupDecoder(self.device, self.decode_stream)
+            self._load()
+        self._next: dict[int, int] = {}
+        self._last_gid: int | None = None
+        self._active: dict[int, _Slot] = {}
+        self._transient: list[int] = []
+        self._current: int | None = None
+        self._clock = 0
+        self.stats = {"decodes": 0, "copies": 0, "prefetched": 0}
+
+    # --- load ---------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        tiers = self.plan.tiers
+        dev = self.device
+        self.resident: dict[int, torch.Tensor] = {}
+        self.dev_store: dict[int, torch.Tensor] = {}
+        self.host_store: dict[int, torch.Tensor] = {}
+        verified: set[int] = set()
+        # Pinned host copies (host tier): one pinned buffer, groups back to back.
+        host_gids = [g for g, t in tiers.items() if t == "host"]
+        if host_gids:
+            total = sum(self.layouts[g].file_length for g in host_gids)
+            pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            pos = 0
+            for g in host_gids:
+                lay = self.layouts[g]
+                view = pinned[pos : pos + lay.file_length]
+                src = self.file.group_bytes(g)
+                view.numpy()[:] = np.frombuffer(src, dtype=np.uint8)
+                src.release()
+                if self.verify:
+                    verify_group(self.file, lay, memoryview(view.numpy()))
+                    verified.add(g)
+                self.host_store[g] = view
+                pos += lay.file_length
+        # Streaming slots.
+        self.slots: list[_Slot] = []
+        for k in range(self.plan.slots):
+            out = torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=dev)
+            staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=dev) if self.plan.staging_bytes else None
+            host_staging = None
+            if any(t == "disk" for t in tiers.values()):
+                host_staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, pin_memory=True)
+            self.slots.append(_Slot(k, out, staging, host_staging))
+        # Device-resident tiers.
+        for g, tier in tiers.items():
+            lay = self.layouts[g]
+            if tier not in ("gpu", "gpu-compressed"):
+                continue
+            src_view = self.file.group_bytes(g)
+            host = torch.frombuffer(bytearray(src_view), dtype=torch.uint8) if lay.file_length else torch.empty(0, dtype=torch.uint8)
+            src_view.release()
+            if self.verify:
+                verify_group(self.file, lay, memoryview(host.numpy()))
+                verified.add(g)
+            compressed = host.to(dev)
+            if tier == "gpu-compressed":
+                self.dev_store[g] = compressed
+            else:
+                out = torch.empty(lay.decoded_bytes, dtype=torch.uint8, device=dev)
+                self.decode_stream.wait_stream(torch.cuda.current_stream(dev))
+                self.decoder.decode(lay, compressed, out)
+                torch.cuda.current_stream(dev).wait_stream(self.decode_stream)
+                self.decode_stream.synchronize()
+                self.decoder.forget(compressed)
+                self.resident[g] = out
+                del compressed
+        self._verified = verified
+        torch.cuda.synchronize(dev)
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def _pick_slot(self, exclude: set[int]) -> _Slot:
+        """The least recently used slot not holding a group in `exclude`."""
+        candidates = [s for s in self.slots if s.gid not in exclude]
+        if not candidates:
+            raise RuntimeError("all streaming slots are in use (too many groups active at once)")
+        return min(candidates, key=lambda s: getattr(s, "_used", -1))
+
+    def _schedule(self, gid: int, exclude: set[int]) -> _Slot:
+        """Enqueue copy + decode of group `gid` into a free slot; returns the slot."""
+        lay = self.layouts[gid]
+        tier = self.plan.tiers[gid]
+        slot = self._pick_slot(exclude)
+        if slot.gid is not None:
+            self._active.pop(slot.gid, None)
+        self._clock += 1
+        slot._used = self._clock
+        slot.gid = gid
+        if tier == "gpu-compressed":
+            src = self.dev_store[gid]
+        else:
+            assert slot.staging is not None
+            src = slot.staging[: lay.file_length]
+            if tier == "disk":
+                if slot.read_event is not None:
+                    slot.read_event.synchronize()  # host staging must not be overwritten mid-copy
+                view = self.file.group_bytes(gid)
+                host = slot.host_staging[: lay.file_length]
+                host.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+                view.release()
+                if self.verify and gid not in self._verified:
+                    verify_group(self.file, lay, memoryview(host.numpy()))
+                    self._verified.add(gid)
+            else:
+                host = self.host_store[gid]
+            with torch.cuda.stream(self.copy_stream):
+                if slot.read_event is not None:
+                    self.copy_stream.wait_event(slot.read_event)
+                src.copy_(host, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.copy_stream)
+            self.stats["copies"] += 1
+            self.decode_stream.wait_event(copied)
+        if slot.free_event is not None:
+            self.decode_stream.wait_event(slot.free_event)
+        self.decoder.decode(lay, src, slot.out)
+        slot.ready_event = torch.cuda.Event()
+        slot.ready_event.record(self.decode_stream)
+        slot.read_event = slot.ready_event
+        slot.free_event = None
+        self.stats["decodes"] += 1
+        self._active[gid] = slot
+        return slot
+
+    def _acquire(self, gid: int) -> _Slot:
+        slot = self._active.get(gid)
+        if slot is None:
+            busy = {self._current} if self._current not in (None, gid) else set()
+            slot = self._schedule(gid, exclude=busy)
+        torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
+        return slot
+
+    def _release_transients(self) -> None:
+        for gid in self._transient:
+            slot = self._active.get(gid)
+            if slot is not None:
+                slot.free_event = torch.cuda.Event()
+                slot.free_event.record(torch.cuda.current_stream(self.device))
+        self._transient.clear()
+
+    def _note_order(self, gid: int) -> None:
+        if self._last_gid is not None and self._last_gid != gid:
+            self._next[self._last_gid] = gid
+        self._last_gid = gid
+
+    def _prefetch_after(self, gid: int) -> None:
+        nxt = self._next.get(gid)
+        if not self.prefetch or nxt is None or self.plan.tiers.get(nxt, "gpu") == "gpu" or nxt in self._active:
+            return
+        if len(self.slots) < 2:
+            return
+        self._schedule(nxt, exclude={gid})
+        self.stats["prefetched"] += 1
+
+    # --- WeightProvider ---------------------------------------------------------------------
+
+    def begin_group(self, group: int) -> None:
+        self._release_transients()
+        self._current = group
+        if group not in self.layouts:
+            return
+        self._note_order(group)
+        if self.plan.tiers[group] != "gpu":
+            self._acquire(group)
+        self._prefetch_after(group)
+
+    def end_group(self, group: int) -> None:
+        self._current = None
+        slot = self._active.get(group)
+        if slot is not None:
+            slot.free_event = torch.cuda.Event()
+            slot.free_event.record(torch.cuda.current_stream(self.device))
+
+    def linear_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.file.index.aliases.get(name, name)
+        gid = self._tensor_group[name]
+        lay = self.layouts[gid]
+        sl = lay.tensors[name]
+        if self.plan.tiers[gid] == "gpu":
+            buf = self.resident[gid]
+        else:
+            if gid != self._current:
+                # A layer outside any hooked block (e.g. lm_head): decode on demand, free lazily.
+                self._release_transients()
+                self._note_order(gid)
+                slot = self._acquire(gid)
+                self._transient.append(gid)
+                self._prefetch_after(gid)
+            else:
+                slot = self._active[gid]
+            buf = slot.out
+        rows, cols = sl.shape
+        q = buf[sl.q_offset : sl.q_offset + rows * cols].view(torch.int8).view(rows, cols)
+        s = buf[sl.scale_offset : sl.scale_offset + rows * 4].view(torch.float32)
+        return q, s
+
+    def embedding_rows(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.file.index.aliases.get(name, name)
+        gid = self._tensor_group.get(name)
+        if gid is not None and self.plan.tiers[gid] == "gpu":
+            q, s = self.linear_weight(name)
+            flat = ids.reshape(-1).to(self.device)
+            return q.index_select(0, flat), s.index_select(0, flat)
+        q, s = self.cpu_fallback.embedding_rows(name, ids.reshape(-1).cpu())
+        return q.to(self.device), s.to(self.device)
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.decoder.forget()
+        self.slots.clear()
+        self.resident.clear()
+        self.dev_store.clear()
+        self.host_store.clear()
+        self._active.clear()

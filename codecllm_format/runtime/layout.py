@@ -1,0 +1,87 @@
+"""Per-group decode layouts: where each int8 chunk sits in the group's byte range, and where
+its decoded bytes go in a slot. Built from the index alone (no torch-CUDA), tested on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import constants as C
+from ..index import Index, align_up
+from .plan import GroupCost
+
+SLOT_ALIGNMENT = 256
+"""Decoded streams start at 256-byte boundaries in a slot (coalesced loads, any dtype view)."""
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Where one int8_row tensor's values and scales sit in a decoded slot (byte offsets)."""
+
+    name: str
+    shape: tuple[int, int]
+    q_offset: int
+    scale_offset: int
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    gid: int
+    name: str
+    file_offset: int
+    file_length: int
+    in_offsets: np.ndarray
+    """Chunk offsets relative to the group's first byte."""
+    in_sizes: np.ndarray
+    out_offsets: np.ndarray
+    """Decoded chunk offsets in the slot."""
+    out_sizes: np.ndarray
+    checksums: np.ndarray
+    decoded_bytes: int
+    tensors: dict[str, TensorSlice]
+
+    @property
+    def cost(self) -> GroupCost:
+        return GroupCost(self.gid, self.name, self.file_length, self.decoded_bytes)
+
+
+def build_layouts(index: Index) -> dict[int, GroupLayout]:
+    """A GroupLayout for every group holding int8_row tensors (other groups are not streamed)."""
+    per_group: dict[int, list] = {}
+    for t in index.tensors:
+        if t.encoding == C.Encoding.INT8_ROW:
+            per_group.setdefault(t.group, []).append(t)
+    layouts = {}
+    for gid, tensors in per_group.items():
+        g = index.groups[gid]
+        in_off, in_size, out_off, out_size, sums = [], [], [], [], []
+        slices = {}
+        pos = 0
+        for t in tensors:
+            offsets = []
+            for stream in t.streams:
+                pos = align_up(pos, SLOT_ALIGNMENT)
+                offsets.append(pos)
+                ch = stream.chunks
+                in_off.append(ch["offset"].astype(np.int64) - g.offset)
+                in_size.append(ch["stored"].astype(np.int64))
+                out_off.append(pos + np.arange(ch.shape[0], dtype=np.int64) * stream.chunk_size)
+                out_size.append(ch["raw"].astype(np.int64))
+                sums.append(ch["checksum"])
+                pos += stream.length
+            slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1])
+        layouts[gid] = GroupLayout(
+            gid=gid,
+            name=g.name,
+            file_offset=g.offset,
+            file_length=g.length,
+            in_offsets=np.concatenate(in_off),
+            in_sizes=np.concatenate(in_size),
+            out_offsets=np.concatenate(out_off),
+            out_sizes=np.concatenate(out_size),
+            checksums=np.concatenate(sums),
+            decoded_bytes=align_up(pos, SLOT_ALIGNMENT),
+            tensors=slices,
+        )
+    return layouts

@@ -1,0 +1,165 @@
+"""Residency planning: which tier each layer group lives in, and what that costs in VRAM.
+
+Pure Python over sizes from the index, so it is tested on the CPU. Tiers, fastest first:
+  gpu             int8 weights decoded once at load and kept in VRAM (no per-forward decode)
+  gpu-compressed  compressed chunks kept in VRAM, decoded into a slot every forward
+  host            compressed chunks in pinned host RAM, copied + decoded every forward
+  disk            chunks read from the memory-mapped file (page cache) every forward
+Streaming tiers share `slots` reusable buffers: a staging buffer (compressed bytes) and an
+output buffer (decoded int8 + scales), each sized for the largest streamed group.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..errors import CllmError
+
+TIERS = ("gpu", "gpu-compressed", "host", "disk")
+STREAMING_TIERS = ("gpu-compressed", "host", "disk")
+STAGED_TIERS = ("host", "disk")
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """Sizes of one layer group's int8 payload."""
+
+    gid: int
+    name: str
+    stored_bytes: int
+    """Bytes of the group's byte range in the file (what is copied to the GPU)."""
+    decoded_bytes: int
+    """Bytes of its decoded int8 values and scales, as laid out in a slot."""
+
+
+@dataclass
+class ResidencyPlan:
+    tiers: dict[int, str]
+    slots: int
+    staging_bytes: int
+    """Per-slot compressed staging buffer (0 when nothing is staged)."""
+    slot_bytes: int
+    """Per-slot decoded output buffer (0 when nothing streams)."""
+    resident_bytes: int
+    """VRAM held by gpu and gpu-compressed groups."""
+    reserve_bytes: int
+    names: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def weight_vram(self) -> int:
+        """Expected VRAM for int8 weights: residents plus all slots."""
+        return self.resident_bytes + self.slots * (self.staging_bytes + self.slot_bytes)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.tiers.values():
+            counts[t] = counts.get(t, 0) + 1
+        tiers = ", ".join(f"{n} {t}" for t, n in counts.items())
+        mib = 1024 * 1024
+        lines = [
+            f"residency plan: {len(self.tiers)} int8 layer groups: {tiers}",
+            f"  expected weight VRAM {self.weight_vram / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f} MiB"
+            f" + {self.slots} slots x (staging {self.staging_bytes / mib:.1f} + decoded {self.slot_bytes / mib:.1f} MiB);"
+            f" reserved for KV cache/activations {self.reserve_bytes / mib:.1f} MiB",
+        ]
+        for gid, tier in self.tiers.items():
+            lines.append(f"  {self.names.get(gid, gid)}: {tier}")
+        return "\n".join(lines)
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """'6GiB', '512MB', '1.5G', 123 -> bytes (None stays None)."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*", str(value).lower())
+    if not m:
+        raise CllmError(f"cannot read {value!r} as a size (examples: 6GiB, 512MB, 1.5G, 1000000)")
+    num, unit, binary = float(m.group(1)), m.group(2), m.group(3)
+    base = 1024 if binary or unit == "" else 1000
+    scale = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[unit]
+    return int(num * scale)
+
+
+def _streaming_cost(groups: list[GroupCost], tiers: dict[int, str], slots: int) -> tuple[int, int]:
+    staged = [g.stored_bytes for g in groups if tiers[g.gid] in STAGED_TIERS]
+    streamed = [g.decoded_bytes for g in groups if tiers[g.gid] in STREAMING_TIERS]
+    return (max(staged) if staged else 0), (max(streamed) if streamed else 0)
+
+
+def _resident(groups: list[GroupCost], tiers: dict[int, str]) -> int:
+    total = 0
+    for g in groups:
+        if tiers[g.gid] == "gpu":
+            total += g.decoded_bytes
+        elif tiers[g.gid] == "gpu-compressed":
+            total += g.stored_bytes
+    return total
+
+
+def plan_residency(
+    groups: list[GroupCost],
+    residency: str = "host",
+    max_vram: int | str | None = None,
+    *,
+    slots: int = 2,
+    reserve: int | str | None = None,
+) -> ResidencyPlan:
+    """Choose a tier for every group.
+
+    Args:
+        groups: the int8 layer groups, in file order.
+        residency: one tier for all groups, or "auto" (needs max_vram) to fit a budget.
+        max_vram: budget in bytes or a size string; with a fixed tier it is checked.
+        slots: streaming buffers (2 = decode the next group while this one computes).
+        reserve: VRAM kept free for the KV cache and activations (default: 10% of the
+            budget, at least 256 MiB).
+
+    Raises:
+        CllmError: unknown tier, or the budget cannot hold even the streaming slots.
+    """
+    budget = parse_bytes(max_vram)
+    if residency not in TIERS and residency != "auto":
+        raise CllmError(f"residency must be one of {TIERS + ('auto',)}, got {residency!r}")
+    if residency == "auto" and budget is None:
+        raise CllmError('residency="auto" needs max_vram (e.g. max_vram="6GiB")')
+    if slots < 1:
+        raise CllmError(f"slots must be >= 1, got {slots}")
+    reserve_bytes = parse_bytes(reserve) if reserve is not None else (
+        max(256 * 1024 * 1024, budget // 10) if budget is not None else 0
+    )
+    names = {g.gid: g.name for g in groups}
+
+    def make(tiers: dict[int, str]) -> ResidencyPlan:
+        staging, slot = _streaming_cost(groups, tiers, slots)
+        n_slots = slots if slot else 0
+        return ResidencyPlan(tiers, n_slots, staging, slot, _resident(groups, tiers), reserve_bytes, names)
+
+    if residency != "auto":
+        plan = make({g.gid: residency for g in groups})
+        if budget is not None and plan.weight_vram + reserve_bytes > budget:
+            raise CllmError(
+                f'residency="{residency}" needs about {plan.weight_vram / 2**20:.0f} MiB of VRAM for weights plus '
+                f"{reserve_bytes / 2**20:.0f} MiB reserve, over max_vram={budget / 2**20:.0f} MiB; "
+                f'try residency="auto" or a streaming tier'
+            )
+        return plan
+
+    # auto: everything on the GPU if it fits; else stream from host and upgrade greedily.
+    all_gpu = make({g.gid: "gpu" for g in groups})
+    if all_gpu.weight_vram + reserve_bytes <= budget:
+        return all_gpu
+    tiers = {g.gid: "host" for g in groups}
+    base = make(tiers)
+    if base.weight_vram + reserve_bytes > budget:
+        raise CllmError(
+            f"max_vram={budget / 2**20:.0f} MiB cannot hold even the streaming buffers "
+            f"({base.weight_vram / 2**20:.0f} MiB) plus the {reserve_bytes / 2**20:.0f} MiB reserve"
+        )
+    for target in ("gpu-compressed", "gpu"):
+        for g in groups:
+            previous = tiers[g.gid]
+            tiers[g.gid] = target
+            if make(tiers).weight_vram + reserve_bytes > budget:
+                tiers[g.gid] = previous
+    return make(tiers)

@@ -1,0 +1,118 @@
+"""GPU runtime at the provider level: nvCOMP batched decode == CPU zstandard decode, bit for bit,
+in every residency tier, with prefetch, in fixed memory. Runs only where CUDA and nvCOMP exist."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import codecllm_format as cf
+from codecllm_format.runtime.plan import TIERS
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _write(path, layers=4, rows=384, cols=512, chunk_size=16384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with cf.CllmWriter(path, chunk_size=chunk_size, threads=2) as w:
+        w.begin_group("lm_head.weight")
+        t = torch.randn(1000, cols, generator=g, dtype=torch.float32).to(torch.bfloat16)
+        w.add_tensor("lm_head.weight", t, cf.Encoding.INT8_ROW)
+        tensors["lm_head.weight"] = t
+        for i in range(layers):
+            w.begin_group(f"model.layers.{i}")
+            for name, shape in (("q", (rows, cols)), ("up", (rows * 3, cols)), ("down", (cols, rows * 3))):
+                t = (torch.randn(*shape, generator=g) * (1 + i)).to(torch.bfloat16)
+                t[:, 7] *= 20  # outlier column
+                full = f"model.layers.{i}.{name}.weight"
+                w.add_tensor(full, t, cf.Encoding.INT8_ROW)
+                tensors[full] = t
+            w.add_tensor(f"model.layers.{i}.norm.weight", torch.randn(cols, generator=g))
+        w.finish()
+    return tensors
+
+
+@needs_cuda
+@pytest.mark.parametrize("tier", TIERS)
+def test_every_tier_bit_identical_to_cpu(tmp_path, tier):
+    from codecllm_format.runtime.gpu import GpuProvider
+
+    path = tmp_path / "m.cllm"
+    _write(path)
+    with cf.open(path) as f:
+        p = GpuProvider(f, "cuda", residency=tier)
+        groups = [i for i, g in enumerate(f.index.groups) if g.name.startswith("model.layers.")]
+        ref = {n: f.get_raw(n) for n in f.keys() if n.endswith((".q.weight", ".up.weight", ".down.weight", "lm_head.weight"))}
+        for _ in range(3):  # the second and third passes run on learned prefetch
+            for gid in groups:
+                p.begin_group(gid)
+                for name in ref:
+                    if name.startswith(f.index.groups[gid].name + "."):
+                        q, s = p.linear_weight(name)
+                        assert torch.equal(q.cpu(), ref[name].data), name
+                        assert torch.equal(s.cpu(), ref[name].scales), name
+                p.end_group(gid)
+            q, s = p.linear_weight("lm_head.weight")  # outside any hooked block
+            assert torch.equal(q.cpu(), ref["lm_head.weight"].data)
+        torch.cuda.synchronize()
+        if tier != "gpu":
+            assert p.stats["prefetched"] > 0
+        p.close()
+
+
+@needs_cuda
+def test_streaming_memory_is_flat(tmp_path):
+    from codecllm_format.runtime.gpu import GpuProvider
+
+    path = tmp_path / "m.cllm"
+    _write(path, layers=6)
+    with cf.open(path) as f:
+        p = GpuProvider(f, "cuda", residency="host")
+        groups = [i for i, g in enumerate(f.index.groups) if g.name.startswith("model.layers.")]
+
+        def one_pass():
+            for gid in groups:
+                p.begin_group(gid)
+                q, s = p.linear_weight(f"{f.index.groups[gid].name}.up.weight")
+                (q[:4].float() * s[:4, None]).sum()
+                p.end_group(gid)
+            torch.cuda.synchronize()
+
+        one_pass()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(50):
+            one_pass()
+        assert torch.cuda.memory_allocated() == before
+        assert torch.cuda.max_memory_allocated() - before < 8 * 1024 * 1024
+        p.close()
+
+
+@needs_cuda
+def test_corrupt_chunk_never_reaches_the_gpu(tmp_path):
+    from codecllm_format.runtime.gpu import GpuProvider
+
+    path = tmp_path / "m.cllm"
+    _write(path, layers=2)
+    with cf.open(path) as f:
+        off = int(f.entry("model.layers.1.up.weight").streams[0].chunks["offset"][2]) + 5
+    data = bytearray(path.read_bytes())
+    data[off] ^= 0x40
+    path.write_bytes(bytes(data))
+    with cf.open(path) as f:
+        for tier in ("gpu", "host"):
+            with pytest.raises(cf.ChecksumError, match="model.layers.1"):
+                GpuProvider(f, "cuda", residency=tier)
+
+
+def test_missing_nvcomp_is_a_clear_error(tmp_path, monkeypatch):
+    """Runs everywhere: with nvCOMP made unimportable, the GPU path says what to install."""
+    from codecllm_format.runtime.nvcomp_decoder import import_nvcomp
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvcomp", None)
+    with pytest.raises(cf.CodecUnavailable, match=r"codecllm-format\[gpu\]"):
+        import_nvcomp()

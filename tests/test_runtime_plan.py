@@ -1,0 +1,89 @@
+"""Residency planning and decode layouts: pure functions over the index, tested on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import codecllm_format as cf
+from codecllm_format.runtime.layout import SLOT_ALIGNMENT, build_layouts
+from codecllm_format.runtime.plan import GroupCost, parse_bytes, plan_residency
+
+MiB = 1024 * 1024
+
+
+def _groups(n=8, stored=100 * MiB, decoded=120 * MiB):
+    return [GroupCost(i, f"model.layers.{i}", stored, decoded) for i in range(n)]
+
+
+def test_parse_bytes():
+    assert parse_bytes("6GiB") == 6 * 1024**3
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("1.5G") == int(1.5 * 10**9)
+    assert parse_bytes(1234) == 1234
+    assert parse_bytes(None) is None
+    with pytest.raises(cf.CllmError, match="cannot read"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("tier", ["gpu", "gpu-compressed", "host", "disk"])
+def test_fixed_tier_costs(tier):
+    p = plan_residency(_groups(), tier)
+    assert set(p.tiers.values()) == {tier}
+    if tier == "gpu":
+        assert p.slots == 0 and p.resident_bytes == 8 * 120 * MiB
+    elif tier == "gpu-compressed":
+        assert p.staging_bytes == 0 and p.resident_bytes == 8 * 100 * MiB and p.slot_bytes == 120 * MiB
+    else:
+        assert p.resident_bytes == 0 and p.weight_vram == 2 * (100 + 120) * MiB
+
+
+def test_auto_prefers_fastest_tier_that_fits():
+    groups = _groups()
+    assert set(plan_residency(groups, "auto", max_vram=8 * 120 * MiB + 300 * MiB).tiers.values()) == {"gpu"}
+    p = plan_residency(groups, "auto", max_vram=900 * MiB, reserve=0)
+    assert p.weight_vram <= 900 * MiB
+    assert "host" in p.tiers.values() or "gpu-compressed" in p.tiers.values()
+    tight = plan_residency(groups, "auto", max_vram=2 * 220 * MiB, reserve=0)
+    assert set(tight.tiers.values()) == {"host"}
+    with pytest.raises(cf.CllmError, match="cannot hold even the streaming buffers"):
+        plan_residency(groups, "auto", max_vram=100 * MiB, reserve=0)
+
+
+def test_budget_checks_and_bad_options():
+    with pytest.raises(cf.CllmError, match="over max_vram"):
+        plan_residency(_groups(), "gpu", max_vram="500MiB")
+    with pytest.raises(cf.CllmError, match="residency must be one of"):
+        plan_residency(_groups(), "vram")
+    with pytest.raises(cf.CllmError, match="needs max_vram"):
+        plan_residency(_groups(), "auto")
+
+
+def test_layout_maps_every_int8_chunk(tmp_path):
+    path = tmp_path / "m.cllm"
+    g = torch.Generator().manual_seed(1)
+    with cf.CllmWriter(path, chunk_size=4096) as w:
+        w.begin_group("model.layers.0")
+        w.add_tensor("model.layers.0.a.weight", torch.randn(100, 300, generator=g), cf.Encoding.INT8_ROW)
+        w.add_tensor("model.layers.0.norm.weight", torch.randn(300, generator=g))
+        w.add_tensor("model.layers.0.b.weight", torch.randn(70, 129, generator=g), cf.Encoding.INT8_ROW)
+        w.finish()
+    with cf.open(path) as f:
+        (lay,) = build_layouts(f.index).values()
+        group = bytes(f.group_bytes(0))
+        # decode the layout on the CPU exactly as the GPU would, and compare with get_raw
+        import zstandard
+
+        out = bytearray(lay.decoded_bytes)
+        for off, size, o_off, o_size in zip(lay.in_offsets, lay.in_sizes, lay.out_offsets, lay.out_sizes):
+            out[o_off : o_off + o_size] = zstandard.ZstdDecompressor().decompress(group[off : off + size])
+        buf = torch.frombuffer(out, dtype=torch.uint8)
+        for name, sl in lay.tensors.items():
+            assert sl.q_offset % SLOT_ALIGNMENT == 0 and sl.scale_offset % SLOT_ALIGNMENT == 0
+            rows, cols = sl.shape
+            raw = f.get_raw(name)
+            assert torch.equal(buf[sl.q_offset : sl.q_offset + rows * cols].view(torch.int8).view(rows, cols), raw.data)
+            assert torch.equal(buf[sl.scale_offset : sl.scale_offset + 4 * rows].view(torch.float32), raw.scales)
+        assert "model.layers.0.norm.weight" not in lay.tensors
+        assert np.all(np.diff(lay.out_offsets) > 0)
