@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -111,7 +112,7 @@ class CllmFile:
         self.threads = threads or min(4, os.cpu_count() or 1)
         self._mm: mmap.mmap | None = None
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
         except FileNotFoundError:
             raise CllmError(f"{self.path}: no such file") from None
         except IsADirectoryError:
@@ -119,7 +120,11 @@ class CllmFile:
         except OSError as e:
             raise CllmError(f"{self.path}: cannot open ({e.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise CllmError(f"{self.path}: is {kind}, not a .cllm file")
+            size = st.st_size
             if size == 0:
                 raise NotACllmFile(f"{self.path}: empty file, not a .cllm file")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
