@@ -123,6 +123,9 @@ class Checksum(enum.IntEnum):
 
 CHECKSUM_ALGORITHM = Checksum.XXH3_64
 
+FILES_GROUP = "__files__"
+"""Name of the last layer group, which holds the embedded files (and only them)."""
+
 # --- well-known metadata keys -----------------------------------------------------------
 
 META_CREATED_BY = "created_by"

@@ -329,20 +329,24 @@ def _check_layout(index: Index, index_offset: int) -> None:
             raise LayoutError(f"group {g.name!r}: length {g.length}, but its chunks span {length} bytes")
         return cur
 
+    def open_next_group() -> None:
+        nonlocal group_cursor, pos, cur
+        if group_cursor >= 0:
+            pos = close_group(group_cursor)
+        group_cursor += 1
+        g = groups[group_cursor]
+        want = C.DATA_START if group_cursor == 0 else align_up(pos, C.GROUP_ALIGNMENT)
+        if g.offset != want:
+            raise LayoutError(f"group {g.name!r}: offset {g.offset}, expected {want}")
+        cur = g.offset
+
     for name, gid, stream in index.iter_streams():
         if gid < group_cursor:
             raise LayoutError(
                 f"{name!r} is in group {gid} after items of group {group_cursor}: groups must be in layout order"
             )
         while gid > group_cursor:
-            if group_cursor >= 0:
-                pos = close_group(group_cursor)
-            group_cursor += 1
-            g = groups[group_cursor]
-            want = C.DATA_START if group_cursor == 0 else align_up(pos, C.GROUP_ALIGNMENT)
-            if g.offset != want:
-                raise LayoutError(f"group {g.name!r}: offset {g.offset}, expected {want}")
-            cur = g.offset
+            open_next_group()
         n = stream.num_chunks
         if not n:
             continue
@@ -367,13 +371,30 @@ def _check_layout(index: Index, index_offset: int) -> None:
         cur = int(ends[-1])
         if cur > index_offset:
             raise LayoutError(f"{name!r}: chunk data runs past the index at {index_offset}")
-    if group_cursor != len(groups) - 1:
-        raise LayoutError(f"{len(groups) - group_cursor - 1} group(s) hold no tensor or file")
+    while group_cursor < len(groups) - 1:  # trailing groups that hold nothing (length 0)
+        open_next_group()
     if group_cursor >= 0:
         pos = close_group(group_cursor)
     want = align_up(pos, C.INDEX_ALIGNMENT)
     if index_offset != want:
         raise LayoutError(f"index at offset {index_offset}, expected {want} (right after the data)")
+
+
+def _check_files_group(tensors, groups, files) -> None:
+    """Embedded files live in the last group, named FILES_GROUP, which holds no tensor; a
+    group of that name exists only then."""
+    last = len(groups) - 1
+    for i, g in enumerate(groups):
+        if g.name == C.FILES_GROUP and (not files or i != last):
+            raise IndexSchemaError(f"group {i} is named {C.FILES_GROUP!r} but is not the group of the embedded files")
+    if files and (not groups or groups[last].name != C.FILES_GROUP):
+        raise IndexSchemaError(f"embedded files need a last group named {C.FILES_GROUP!r}")
+    for f in files:
+        if f.group != last:
+            raise IndexSchemaError(f"file {f.name!r}: group {f.group}, expected the {C.FILES_GROUP!r} group {last}")
+    for t in tensors:
+        if files and t.group == last:
+            raise IndexSchemaError(f"tensor {t.name!r} is in the {C.FILES_GROUP!r} group")
 
 
 def decode_index(data: bytes | memoryview, index_offset: int) -> Index:
@@ -439,6 +460,8 @@ def decode_index(data: bytes | memoryview, index_offset: int) -> Index:
     for i, fo in enumerate(files_raw):
         ff = _Fields(fo, f"files[{i}]", ("name", "group", "stream"))
         fname = ff.str("name")
+        if fname.startswith("/") or ".." in fname.split("/"):
+            raise IndexSchemaError(f"files[{i}].name: {fname!r} is absolute or has a '..' segment")
         if fname in file_names:
             raise IndexSchemaError(f"index: duplicate embedded file {fname!r}")
         file_names.add(fname)
@@ -450,9 +473,12 @@ def decode_index(data: bytes | memoryview, index_offset: int) -> Index:
 
     meta_raw = top.map("metadata", C.MAX_METADATA_ENTRIES)
     for k, v in meta_raw.items():
+        if not k or len(k) > C.MAX_NAME_LENGTH:
+            raise IndexSchemaError(f"metadata key {k[:64]!r}: length {len(k)} not in [1, {C.MAX_NAME_LENGTH}]")
         if not isinstance(v, str):
             raise IndexSchemaError(f"metadata[{k!r}]: expected a string value, got {type(v).__name__}")
 
+    _check_files_group(tensors, groups, files)
     index = Index(
         tensors=tensors, groups=tuple(groups), aliases=aliases, files=tuple(files), metadata=dict(meta_raw)
     )

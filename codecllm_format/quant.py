@@ -44,7 +44,7 @@ def quantize_int8_rows(weight: torch.Tensor, out: torch.Tensor | None = None) ->
         block = weight[r0 : r0 + step].to(torch.float32)
         if not torch.isfinite(block).all():
             raise NonFiniteError("tensor holds NaN or infinity")
-        absmax = block.abs().amax(dim=1)
+        absmax = block.abs().amax(dim=1) if cols else block.new_zeros(block.shape[0])
         s = absmax / QMAX
         scales[r0 : r0 + step] = s
         safe = torch.where(s > 0, s, torch.ones_like(s))

@@ -23,6 +23,7 @@ from .codecs import get_codec
 from .errors import (
     ChecksumError,
     CllmError,
+    DecodeError,
     FormatError,
     LayoutError,
     NotACllmFile,
@@ -266,8 +267,13 @@ class CllmFile:
         if e.encoding == C.Encoding.INT8_ROW:
             q = self._stream_tensor(e.streams[0], torch.int8, e.shape, where + " values")
             s = self._stream_tensor(e.streams[1], torch.float32, (e.shape[0],), where + " scales")
+            if s.numel() and not bool((torch.isfinite(s) & (s >= 0)).all()):
+                raise DecodeError(f"{where}: a scale is negative, NaN or infinite")
             return RawTensor(q, s, e)
-        return RawTensor(self._stream_tensor(e.streams[0], DTYPE_TO_TORCH[e.dtype], e.shape, where), None, e)
+        t = self._stream_tensor(e.streams[0], DTYPE_TO_TORCH[e.dtype], e.shape, where)
+        if e.dtype == C.DType.BOOL and t.numel() and int(t.view(torch.uint8).max()) > 1:
+            raise DecodeError(f"{where}: a bool byte is neither 0 nor 1")
+        return RawTensor(t, None, e)
 
     def get_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor in its logical dtype (int8 dequantized), or in `dtype` if given."""

@@ -34,7 +34,7 @@ from .index import (
 from .quant import quantize_int8_rows
 
 PARTIAL_SUFFIX = ".cllm-partial"
-FILES_GROUP = "__files__"
+FILES_GROUP = C.FILES_GROUP
 BATCH_BYTES = 32 * 1024 * 1024
 """Raw bytes compressed per batch: bounds the compressed output held in memory."""
 
@@ -100,6 +100,11 @@ class CllmWriter:
         self.threads = max(1, int(threads))
         self.codec = get_codec(C.Codec.ZSTD, level=level)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if len(self.metadata) > C.MAX_METADATA_ENTRIES or any(
+            not k or len(k) > C.MAX_NAME_LENGTH or len(v.encode()) > C.MAX_METADATA_VALUE_LENGTH
+            for k, v in self.metadata.items()
+        ):
+            raise ValueError("metadata: too many entries, an empty or too long key, or a too long value")
         self.state = WriterState.NEW
         self._tensors: list[TensorEntry] = []
         self._groups: list[Group] = []
@@ -165,11 +170,13 @@ class CllmWriter:
             self._groups[-1] = Group(name=g.name, offset=g.offset, length=self._pos - g.offset)
             self._group_start = None
 
-    def begin_group(self, name: str) -> None:
+    def begin_group(self, name: str, *, _files: bool = False) -> None:
         """Start a layer group: every chunk written until the next group is contiguous."""
         self._require(WriterState.OPEN)
-        if not name or name in self._group_names:
-            raise ValueError(f"group name {name!r} is empty or already used")
+        if not name or name in self._group_names or len(name) > C.MAX_NAME_LENGTH:
+            raise ValueError(f"group name {name!r} is empty, too long or already used")
+        if (name == FILES_GROUP) != _files:
+            raise ValueError(f"group name {FILES_GROUP!r} is reserved for embedded files")
         self._close_group()
         self._pad_to(C.GROUP_ALIGNMENT)
         self._groups.append(Group(name=name, offset=self._pos, length=0))
@@ -287,7 +294,7 @@ class CllmWriter:
         self._require(WriterState.OPEN)
         try:
             if self._pending_files:
-                self.begin_group(FILES_GROUP)
+                self.begin_group(FILES_GROUP, _files=True)
                 for name, data in self._pending_files:
                     stream = self._write_stream(memoryview(data), None, 1.0)
                     self._files.append(EmbeddedFile(name=name, group=len(self._groups) - 1, stream=stream))

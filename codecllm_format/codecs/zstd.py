@@ -13,6 +13,38 @@ from ..errors import DecodeError
 from .base import Buffer, ChunkCodec, register
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def frame_compressed_size(frame: Buffer, where: str = "") -> int:
+    """Length of the zstd frame at the start of `frame` (header, blocks, optional checksum),
+    found by walking the block headers (RFC 8878 section 3.1.1); libzstd's one-shot and batch
+    decoders ignore bytes after the first frame, so this is how trailing data is caught.
+
+    Raises:
+        DecodeError: not a zstd frame, a reserved block type, or a truncated frame.
+    """
+    mv = memoryview(frame).cast("B")
+    if bytes(mv[:4]) != ZSTD_MAGIC:
+        raise DecodeError(f"{where}: not a zstd frame (magic {bytes(mv[:4])!r})")
+    try:
+        pos = zstandard.frame_header_size(mv)
+    except zstandard.ZstdError as e:
+        raise DecodeError(f"{where}: bad zstd frame header ({e})") from None
+    while True:
+        if pos + 3 > len(mv):
+            raise DecodeError(f"{where}: zstd frame truncated at byte {pos}")
+        head = mv[pos] | mv[pos + 1] << 8 | mv[pos + 2] << 16
+        pos += 3
+        block_type, block_size = (head >> 1) & 3, head >> 3
+        if block_type == 3:
+            raise DecodeError(f"{where}: reserved zstd block type at byte {pos - 3}")
+        pos += 1 if block_type == 1 else block_size
+        if head & 1:
+            break
+    return pos + (4 if mv[4] & 0x04 else 0)
+
+
 @register
 class ZstdCodec(ChunkCodec):
     codec_id = Codec.ZSTD
@@ -44,6 +76,9 @@ class ZstdCodec(ChunkCodec):
             raise DecodeError(
                 f"{where}: zstd frame declares {declared} decoded bytes, the index says {raw_size}"
             )
+        size = frame_compressed_size(frame, where)
+        if size != len(frame):
+            raise DecodeError(f"{where}: {len(frame) - size} bytes after the zstd frame (a chunk is exactly one frame)")
 
     def decode_into(
         self, frames: Sequence[Buffer], raw_sizes: Sequence[int], out: memoryview, threads: int = 1, where: str = ""
