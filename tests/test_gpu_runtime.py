@@ -37,14 +37,18 @@ def _write(path, layers=4, rows=384, cols=512, chunk_size=16384, seed=0):
 
 
 @needs_cuda
-@pytest.mark.parametrize("tier", TIERS)
-def test_every_tier_bit_identical_to_cpu(tmp_path, tier):
+@pytest.mark.parametrize(
+    "tier,codec", [(t, "zstd") for t in TIERS] + [("host", "ans"), ("gpu-compressed", "ans"), ("host", "bitcomp")]
+)
+def test_every_tier_bit_identical_to_cpu(tmp_path, tier, codec):
     from codecllm_format.runtime.gpu import GpuProvider
 
     path = tmp_path / "m.cllm"
     _write(path)
     with cf.open(path) as f:
-        p = GpuProvider(f, "cuda", residency=tier)
+        p = GpuProvider(f, "cuda", residency=tier, codec=codec)
+        assert p.encoded and all(e.codec == (codec if tier in ("host", "gpu-compressed") else "zstd")
+                                 for g, e in p.encoded.items())
         groups = [i for i, g in enumerate(f.index.groups) if g.name.startswith("model.layers.")]
         ref = {n: f.get_raw(n) for n in f.keys() if n.endswith((".q.weight", ".up.weight", ".down.weight", "lm_head.weight"))}
         for _ in range(3):  # the second and third passes run on learned prefetch

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import threading
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import CodecUnavailable
@@ -22,6 +24,9 @@ INSTALL_HINT = (
     'install nvCOMP\'s Python package: pip install "codecllm-format[gpu]" '
     "(nvidia-nvcomp-cu13 for CUDA 13; codecllm-format[gpu-cu12] for CUDA 12)"
 )
+
+PACK_ALIGNMENT = 16
+"""Transcoded chunks start at 16-byte boundaries in their packed buffer (nvCOMP's safe alignment)."""
 
 _allocator_lock = threading.Lock()
 _allocator_installed = False
@@ -63,8 +68,29 @@ def install_torch_allocator(nvcomp) -> None:
         _allocator_installed = True
 
 
+ALGORITHMS = {"zstd": "Zstd", "ans": "ANS", "bitcomp": "Bitcomp", "gdeflate": "GDeflate"}
+
+
+@dataclass(frozen=True)
+class EncodedGroup:
+    """A group's int8 chunks as one contiguous compressed buffer: the file's zstd byte range,
+    or an in-memory transcoding (e.g. ANS) of the same chunks."""
+
+    gid: int
+    codec: str
+    length: int
+    in_offsets: np.ndarray
+    in_sizes: np.ndarray
+
+
+def file_encoding(layout: GroupLayout) -> EncodedGroup:
+    """The group as stored in the file: zstd frames at their offsets in the group's byte range."""
+    return EncodedGroup(layout.gid, "zstd", layout.file_length, layout.in_offsets, layout.in_sizes)
+
+
 class GroupDecoder:
-    """Decodes layer groups on `stream` into caller-owned device buffers.
+    """Decodes layer groups on `stream` into caller-owned device buffers, one batched nvCOMP
+    call per group.
 
     Args:
         device: the CUDA device.
@@ -76,39 +102,75 @@ class GroupDecoder:
         install_torch_allocator(self.nvcomp)
         self.device = device
         self.stream = stream
-        nv = self.nvcomp
-        self.codec = nv.Codec(
-            algorithm="Zstd",
-            bitstream_kind=nv.BitstreamKind.RAW,
-            device_id=device.index if device.index is not None else torch.cuda.current_device(),
-            cuda_stream=stream.cuda_stream,
-        )
-        self._configs: dict[int, object] = {}
+        self._codecs: dict[str, object] = {}
+        self._configs: dict[tuple, object] = {}
         self._batches: dict[tuple, tuple] = {}
 
-    def _batch(self, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor):
-        key = (layout.gid, src.data_ptr(), out.data_ptr())
+    def codec(self, name: str):
+        """The nvCOMP Codec for `name` ("zstd", "ans", ...), bound to our stream."""
+        c = self._codecs.get(name)
+        if c is None:
+            nv = self.nvcomp
+            c = nv.Codec(
+                algorithm=ALGORITHMS[name],
+                bitstream_kind=nv.BitstreamKind.RAW,
+                device_id=self.device.index if self.device.index is not None else torch.cuda.current_device(),
+                cuda_stream=self.stream.cuda_stream,
+            )
+            self._codecs[name] = c
+        return c
+
+    def _batch(self, enc: EncodedGroup, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor):
+        key = (enc.gid, enc.codec, src.data_ptr(), out.data_ptr())
         b = self._batches.get(key)
         if b is None:
             nv = self.nvcomp
             s = self.stream.cuda_stream
-            srcs = nv.as_arrays(src, layout.in_offsets.tolist(), layout.in_sizes.tolist(), s)
+            srcs = nv.as_arrays(src, enc.in_offsets.tolist(), enc.in_sizes.tolist(), s)
             outs = nv.as_arrays(out, layout.out_offsets.tolist(), layout.out_sizes.tolist(), s)
             b = (srcs, outs, src, out)  # keep the tensors alive as long as the batch
             self._batches[key] = b
         return b
 
-    def decode(self, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor) -> None:
-        """Enqueue the decode of `layout`'s chunks from `src` (uint8, the group's byte range
-        at offset 0) into `out` (uint8, >= layout.decoded_bytes) on self.stream. Callers order
-        it with events; nothing here synchronizes the host after the first call per group."""
-        srcs, outs, _, _ = self._batch(layout, src, out)
-        cfg = self._configs.get(layout.gid)
+    def decode(self, enc: EncodedGroup, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor) -> None:
+        """Enqueue the decode of a group's chunks from `src` (uint8, `enc` laid out from offset 0)
+        into `out` (uint8, >= layout.decoded_bytes) on self.stream. Callers order it with
+        events; nothing here synchronizes the host after the first call per group."""
+        srcs, outs, _, _ = self._batch(enc, layout, src, out)
+        codec = self.codec(enc.codec)
+        cfg = self._configs.get((enc.gid, enc.codec))
         if cfg is None:
-            # Parses the frame headers once (this one synchronizes); reused afterwards.
-            cfg = self.codec.decompression_config(srcs)
-            self._configs[layout.gid] = cfg
-        self.codec.decode(srcs, out=outs, decompression_config=cfg)
+            # Parses the chunk headers once (this one synchronizes); reused afterwards.
+            cfg = codec.decompression_config(srcs)
+            self._configs[(enc.gid, enc.codec)] = cfg
+        codec.decode(srcs, out=outs, decompression_config=cfg)
+
+    def encode_packed(self, codec_name: str, layout: GroupLayout, decoded: torch.Tensor) -> tuple[torch.Tensor, EncodedGroup]:
+        """Compress a decoded group (`decoded`, as laid out by `layout`) chunk by chunk with
+        `codec_name` on the GPU and pack the chunks into one contiguous device buffer
+        (16-byte aligned entries). Synchronizes (sizes are read back): a load-time step."""
+        nv = self.nvcomp
+        codec = self.codec(codec_name)
+        s = self.stream.cuda_stream
+        n = len(layout.out_sizes)
+        probe = torch.empty(int(layout.out_sizes.max()), dtype=torch.uint8, device=self.device)
+        stride = -(-codec.get_max_comp_buffer_size(nv.as_array(probe, s)) // PACK_ALIGNMENT) * PACK_ALIGNMENT
+        del probe
+        strided = torch.empty(n * stride, dtype=torch.uint8, device=self.device)
+        srcs = nv.as_arrays(decoded, layout.out_offsets.tolist(), layout.out_sizes.tolist(), s)
+        outs = nv.as_arrays(strided, [i * stride for i in range(n)], [stride] * n, s)
+        result = codec.encode(srcs, out=outs)
+        sizes = np.asarray(result.buffer_sizes, dtype=np.int64)
+        padded = -(-sizes // PACK_ALIGNMENT) * PACK_ALIGNMENT
+        offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        total = int(padded.sum())
+        with torch.cuda.stream(self.stream):
+            cols = torch.arange(stride, device=self.device)
+            mask = cols[None, :] < torch.from_numpy(padded).to(self.device)[:, None]
+            packed = strided.view(n, stride)[mask]
+        self.stream.synchronize()
+        del result, srcs, outs, strided
+        return packed, EncodedGroup(layout.gid, codec_name, total, offsets, sizes)
 
     def forget(self, src: torch.Tensor | None = None) -> None:
         """Drop cached batches (all, or those over `src`)."""
@@ -116,4 +178,4 @@ class GroupDecoder:
             self._batches.clear()
         else:
             p = src.data_ptr()
-            self._batches = {k: v for k, v in self._batches.items() if k[1] != p}
+            self._batches = {k: v for k, v in self._batches.items() if k[2] != p}

@@ -1,0 +1,197 @@
+"""Generation benchmark on one GPU: ONE process, ONE run, same prompt for every variant.
+
+  (a) bf16 transformers model fully on the GPU         (the speed to match)
+  (b) accelerate cpu_offload of the same model         (the low-memory baseline)
+  (c) every cllm residency tier of the same weights     (int8 + zstd .cllm)
+
+Random weights for a model shape (TinyLlama-1.1B, Llama-2-7B, or tiny for a smoke test), built on
+the meta device and initialised on the GPU; quantized on the GPU, written as .cllm with the real
+writer. Batch 1, 16-token prompt, greedy, after a warm-up. Prints tok/s, peak VRAM and ratios to
+(a) and (b); writes JSON.
+
+    python tools/bench_generate.py --shape tinyllama --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import codecllm_format as cf  # noqa: E402
+from codecllm_format.quant import quantize_int8_rows  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=4096),
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+}
+GiB = 1024**3
+
+
+def build_reference(shape: str, device: str):
+    """bf16 LlamaForCausalLM with transformers' random init (N(0, 0.02) weights), built on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
+                      torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # transformers' own init, run on the GPU (fast even for 7B)
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    return model
+
+
+def write_cllm(model, path: Path, threads: int) -> float:
+    """Quantize every 2-D weight on the GPU and write the .cllm with the real writer."""
+    from codecllm_format.convert import group_of, natural_key
+
+    t0 = time.perf_counter()
+    config_json = model.config.to_json_string().encode()
+    state = dict(model.state_dict())
+    groups: dict[str, list[str]] = {}
+    for name in state:
+        groups.setdefault(group_of(name), []).append(name)
+    with cf.CllmWriter(path, threads=threads, metadata={"source": "bench_generate random weights"}) as w:
+        for gname in sorted(groups, key=natural_key):
+            w.begin_group(gname)
+            for name in sorted(groups[gname], key=natural_key):
+                t = state[name]
+                if t.dim() == 2:
+                    q, s = quantize_int8_rows(t)
+                    w.add_int8_tensor(name, q.cpu(), s.cpu(), t.dtype)
+                else:
+                    w.add_tensor(name, t.cpu())
+        w.add_file("config.json", config_json)
+        w.finish()
+    return time.perf_counter() - t0
+
+
+def time_generate(generate, prompt: torch.Tensor, new_tokens: int, warmup_tokens: int = 4) -> dict:
+    """tok/s of greedy generation of `new_tokens` after a warm-up; peak VRAM of the timed run."""
+    generate(prompt, warmup_tokens)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = generate(prompt, new_tokens)
+    end.record()
+    end.synchronize()
+    produced = out.shape[-1] - prompt.shape[-1]
+    seconds = start.elapsed_time(end) / 1000
+    return {"tok_s": produced / seconds, "seconds": seconds, "new_tokens": produced,
+            "peak_vram_gib": torch.cuda.max_memory_allocated() / GiB, "tokens": out[0, -produced:].tolist()}
+
+
+def hf_generate(model):
+    def run(prompt, n):
+        with torch.no_grad():
+            return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+    return run
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--offload-tokens", type=int, default=None, help="new tokens for the cpu_offload baseline (default: --new-tokens)")
+    ap.add_argument("--tiers", default="gpu,gpu-compressed,host,disk")
+    ap.add_argument("--no-offload", action="store_true")
+    ap.add_argument("--workdir", default=None, help="where to write the .cllm (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_generate needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = "cuda"
+    results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens, "variants": {}}
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, SHAPES[args.shape]["vocab_size"], (1, 16), generator=g).to(dev)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cllm-bench-"))
+    path = work / f"{args.shape}.cllm"
+
+    model = build_reference(args.shape, dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    results["bf16_weight_gib"] = weight_bytes / GiB
+    results["write_seconds"] = write_cllm(model, path, args.threads)
+    results["file_gib"] = path.stat().st_size / GiB
+    print(f"wrote {path} ({results['file_gib']:.2f} GiB = {path.stat().st_size / weight_bytes:.3f} of bf16) "
+          f"in {results['write_seconds']:.1f} s", flush=True)
+
+    r = time_generate(hf_generate(model), prompt, args.new_tokens)
+    results["variants"]["bf16-resident"] = r
+    print(f"bf16 resident: {r['tok_s']:.2f} tok/s, peak {r['peak_vram_gib']:.3f} GiB", flush=True)
+    first_tier_tokens = None
+
+    if not args.no_offload:
+        from accelerate import cpu_offload
+
+        model.to("cpu")
+        free()
+        cpu_offload(model, execution_device=torch.device(dev))
+        r = time_generate(hf_generate(model), prompt, args.offload_tokens or args.new_tokens, warmup_tokens=2)
+        results["variants"]["accelerate-cpu_offload"] = r
+        print(f"accelerate cpu_offload: {r['tok_s']:.2f} tok/s, peak {r['peak_vram_gib']:.3f} GiB", flush=True)
+    del model
+    free()
+
+    for tier in [t for t in args.tiers.split(",") if t]:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False)
+        load_s = time.perf_counter() - t0
+        r = time_generate(lambda p, n: m.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False), prompt, args.new_tokens)
+        r["load_seconds"] = load_s
+        r["peak_vram_gib"] = (torch.cuda.max_memory_allocated() - base) / GiB
+        r["plan_weight_vram_gib"] = m.provider.plan.weight_vram / GiB
+        first_tier_tokens = first_tier_tokens or r["tokens"]
+        r["same_tokens_as_first_tier"] = r["tokens"] == first_tier_tokens
+        results["variants"][f"cllm-{tier}"] = r
+        print(f"cllm {tier}: {r['tok_s']:.2f} tok/s, peak {r['peak_vram_gib']:.3f} GiB, load {load_s:.1f} s", flush=True)
+        m.close()
+        del m
+        free()
+
+    base = results["variants"]["bf16-resident"]
+    off = results["variants"].get("accelerate-cpu_offload")
+    print(f"\n{args.shape} on {results['device']} ({results['date']}), batch 1, 16-token prompt, {args.new_tokens} new tokens, greedy")
+    print(f"{'variant':<26} {'tok/s':>8} {'peak GiB':>9} {'x bf16':>7} {'x offload':>9}")
+    for name, r in results["variants"].items():
+        xo = f"{r['tok_s'] / off['tok_s']:.2f}" if off else "-"
+        print(f"{name:<26} {r['tok_s']:>8.2f} {r['peak_vram_gib']:>9.3f} {r['tok_s'] / base['tok_s']:>7.2f} {xo:>9}")
+    for r in results["variants"].values():
+        r.pop("tokens", None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if not args.workdir:
+        path.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
