@@ -34,7 +34,7 @@ def _size(text: str) -> int:
     num = t[:-1] if t[-1:] in units else t
     try:
         return int(float(num) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'inf'
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 1M)") from None
 
 
@@ -69,6 +69,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--chunk-size must be between {C.MIN_CHUNK_SIZE} and {C.MAX_CHUNK_SIZE}")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.level is not None and not -7 <= args.level <= 22:
+        p.error(f"--level must be between -7 and 22, got {args.level}")
 
     def body() -> int:
         from tqdm import tqdm
@@ -80,7 +82,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         def on_start(total: int) -> None:
             nonlocal bar
             if not args.quiet:
-                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr)
+                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr,
+                           disable=None)  # None: no bar when stderr is not a terminal (logs, pipes)
 
         try:
             report = convert(
@@ -107,7 +110,7 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         description="Show what a .cllm file holds: version, tensors, encodings, sizes and ratios, "
         "the order-0 entropy floor of its int8 data, embedded files and metadata.",
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the .cllm file to describe")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--no-floor", action="store_true", help="skip the entropy floor (it decodes every int8 tensor)")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: the 20 largest)")
@@ -158,7 +161,7 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
         description="Check a .cllm file completely: header, index, every chunk's checksum, a strict "
         "decode of every chunk, and zero padding. Exit 0 when sound, 1 with a report when not.",
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the .cllm file to check")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is sound")
     args = p.parse_args(argv)
 
