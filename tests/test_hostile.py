@@ -208,6 +208,26 @@ add_case(
     lambda b: hb.with_index_bytes(b, hb.map_with_pairs([("tensors", [])])[:-1] + b"\xa2\xff\xfe"),
     IndexSchemaError, "UTF-8",
 )
+add_case(
+    "index-deeply-nested",
+    lambda b: hb.with_index_bytes(b, b"\x91" * 5000 + b"\x00"),
+    IndexSchemaError, "not valid msgpack",
+)
+add_case(
+    "index-ext-type",
+    lambda b: hb.with_index_bytes(b, hb.pack_index({"tensors": [], "groups": [], "x-e": __import__("msgpack").ExtType(5, b"ab")})),
+    IndexSchemaError, "not valid msgpack",
+)
+add_case(
+    "metadata-too-many-entries",
+    edit(lambda o: o["metadata"].update({f"k{i}": "v" for i in range(C.MAX_METADATA_ENTRIES + 1)})),
+    IndexSchemaError, f"entries, limit {C.MAX_METADATA_ENTRIES}",
+)
+add_case(
+    "tensor-in-the-files-group",
+    edit(lambda o: hb.tensor(o, "model.layers.1.norm.weight").update(group=3)),
+    IndexSchemaError, "tensor 'model.layers.1.norm.weight' is in the '__files__' group",
+)
 add_case("index-is-a-list", lambda b: hb.with_index_bytes(b, hb.pack_index([1, 2])), IndexSchemaError, "expected a map, got list")
 add_case("missing-groups", edit(lambda o: o.pop("groups")), IndexSchemaError, "missing field(s) ['groups']")
 add_case("missing-tensor-dtype", edit(lambda o: o["tensors"][2].pop("dtype")), IndexSchemaError, "missing field(s) ['dtype']")
