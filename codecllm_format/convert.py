@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from . import __version__
 from . import constants as C
 from .checksums import xxh3_64
 from .errors import CllmError, ConversionError
-from .quant import NonFiniteError
+from .quant import NonFiniteError, quantize_int8_rows
 from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
 
 EMBEDDED_FILES = (
@@ -45,8 +46,15 @@ EMBEDDED_FILES = (
 )
 """Files beside the weights that are embedded when present (config, tokenizer, pooling)."""
 
+SUPERSEDED_BY_TOKENIZER_JSON = ("vocab.txt", "vocab.json", "merges.txt")
+"""Slow-tokenizer vocabularies that tokenizer.json holds in full: not embedded when it is
+present (transformers' tokenizers backend reads tokenizer.json alone). For all-MiniLM-L6-v2,
+vocab.txt would add 0.22% of the bf16 size (benchmarks/RESULTS.md)."""
+
 BLOCK_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
-"""A tensor whose name matches belongs to the layer group named by the first group."""
+"""A tensor whose name matches belongs to the layer group named by the first group; any other
+tensor to the group of its top-level module ('embeddings', 'lm_head'): each group pads to
+4096 bytes, which costs 0.1% of a small model when every small tensor has its own."""
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -61,9 +69,12 @@ def natural_key(name: str) -> tuple:
 
 
 def group_of(name: str) -> str:
-    """Layer group of a tensor: its transformer block ('model.layers.3'), else its own name."""
+    """Layer group of a tensor: its transformer block ('model.layers.3'), else its top-level
+    module ('model' for 'model.norm.weight', 'lm_head' for 'lm_head.weight')."""
     m = BLOCK_RE.match(name)
-    return m.group(1) if m else name
+    if m:
+        return m.group(1)
+    return name.split(".", 1)[0] or name
 
 
 @dataclass
@@ -72,6 +83,8 @@ class SourceTensor:
     shard: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = -1
+    """Absolute file offset of the tensor's bytes (from the safetensors header)."""
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +102,9 @@ class Checkpoint:
     aux_dir: Path | None
     label: str
     shards: list[Path] = field(default_factory=list)
+    ties: dict[str, str] = field(default_factory=dict)
+    """Tensors left out of the file as duplicates of another (safetensors.torch.save_model
+    records them in the header metadata as {removed name: kept name})."""
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +149,37 @@ def _shards_from_index(index: Path) -> list[Path]:
     return paths
 
 
+def _data_offsets(shard: Path) -> dict[str, int]:
+    """Absolute offset of each tensor's bytes in a safetensors file (8-byte little-endian
+    header length, JSON header with data_offsets relative to the end of the header)."""
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+
+
+def read_tensor(st: SourceTensor, fh) -> torch.Tensor:
+    """Read one tensor with plain reads into a fresh tensor. (safe_open's get_tensor maps
+    the file, and every page it touched stays in the process's RSS until the handle
+    closes: a whole shard, several GB.)
+
+    Raises:
+        ConversionError: the file ends before the tensor does.
+    """
+    n = st.nbytes
+    buf = torch.empty(n, dtype=torch.uint8)
+    if n:
+        view = memoryview(buf.numpy())
+        fh.seek(st.offset)
+        pos = 0
+        while pos < n:
+            got = fh.readinto(view[pos:])
+            if not got:
+                raise ConversionError(f"{st.shard}: ends inside tensor {st.name!r} (offset {st.offset + pos}, needs {n} bytes)")
+            pos += got
+    return buf.view(SAFETENSORS_DTYPES[st.dtype]).reshape(st.shape)
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Find and read the headers of a checkpoint's safetensors files.
 
@@ -142,15 +189,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     shards, aux = _shards_of(path)
     tensors: dict[str, SourceTensor] = {}
+    shard_meta: dict[str, str] = {}
     for shard in shards:
         try:
-            with safe_open(shard, framework="pt") as f:
+            with safe_open(shard, framework="pt") as f:  # validates the header and the offsets
+                shard_meta.update(f.metadata() or {})
+                offsets = _data_offsets(shard)
                 for name in f.keys():
                     sl = f.get_slice(name)
                     dtype = sl.get_dtype()
                     if name in tensors:
                         raise ConversionError(f"tensor {name!r} is in both {tensors[name].shard.name} and {shard.name}")
-                    tensors[name] = SourceTensor(name, shard, dtype, tuple(sl.get_shape()))
+                    tensors[name] = SourceTensor(name, shard, dtype, tuple(sl.get_shape()), offsets[name])
         except (SafetensorError, OSError) as e:
             raise ConversionError(f"{shard}: not a readable safetensors file ({e})") from None
         except Exception as e:  # safetensors raises plain exceptions for some header problems
@@ -162,7 +212,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for t in tensors.values():
         if t.dtype not in SAFETENSORS_DTYPES:
             raise ConversionError(f"tensor {t.name!r}: dtype {t.dtype} is not supported by .cllm v1")
-    return Checkpoint(tensors=tensors, aux_dir=aux, label=path.name, shards=shards)
+    ties = {k: v for k, v in shard_meta.items()
+            if isinstance(v, str) and v in tensors and k not in tensors and "." in k and not k.startswith("__")}
+    return Checkpoint(tensors=tensors, aux_dir=aux, label=path.name, shards=shards, ties=ties)
 
 
 def choose_encoding(t: SourceTensor, quantize: str, keep: re.Pattern | None) -> C.Encoding:
@@ -242,7 +294,7 @@ def convert(
     output_path: str | os.PathLike | None = None,
     *,
     quantize: str = "int8",
-    level: int = 3,
+    level: int | None = None,
     chunk_size: int = C.DEFAULT_CHUNK_SIZE,
     threads: int | None = None,
     keep_regex: str | None = None,
@@ -257,7 +309,7 @@ def convert(
         input_path: a .safetensors file, a sharded folder or index, or an HF model folder.
         output_path: target (default: input stem + .cllm). Written atomically.
         quantize: "int8" (2-D float tensors to int8_row) or "none" (everything raw).
-        level, chunk_size, threads: zstd settings.
+        level, chunk_size, threads: zstd settings (level None: the writer's per-stream defaults).
         keep_regex: tensors whose names match stay raw.
         overwrite: replace an existing output.
         progress: called with increments of input bytes processed.
@@ -303,6 +355,9 @@ def convert(
             p = ckpt.aux_dir / name
             if p.is_file():
                 side_files[name] = p.read_bytes()
+        if "tokenizer.json" in side_files:
+            for name in SUPERSEDED_BY_TOKENIZER_JSON:
+                side_files.pop(name, None)
     if "config.json" in side_files:
         try:
             cfg = json.loads(side_files["config.json"])
@@ -317,47 +372,71 @@ def convert(
     groups: dict[str, list[SourceTensor]] = {}
     for t in ckpt.tensors.values():
         groups.setdefault(group_of(t.name), []).append(t)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, object] = {}  # shard -> unbuffered file, used by the worker thread only
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     int8 = 0
     bf16_bytes = 0
+    order = [(g, st) for g in sorted(groups, key=natural_key) for st in sorted(groups[g], key=lambda t: natural_key(t.name))]
+
+    def prepare(st: SourceTensor) -> tuple:
+        """Read one tensor, detect a tie, quantize: runs on a worker thread, one tensor ahead
+        of the writer (which compresses the previous one meanwhile), in file order."""
+        nonlocal bf16_bytes
+        if st.shard not in handles:
+            handles[st.shard] = open(st.shard, "rb", buffering=0)
+        tensor = read_tensor(st, handles[st.shard])
+        bf16_bytes += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+        key = (tuple(tensor.shape), str(tensor.dtype), xxh3_64(tensor_bytes(tensor))) if tensor.numel() else None
+        if key is not None and key in seen:
+            other = seen[key]
+            earlier = read_tensor(ckpt.tensors[other], handles[ckpt.tensors[other].shard])
+            if torch.equal(earlier.view(torch.uint8) if earlier.dtype != torch.bool else earlier,
+                           tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor):
+                return ("alias", other)
+            del earlier
+        if key is not None:
+            seen[key] = st.name
+        enc = choose_encoding(st, quantize, keep)
+        if enc != C.Encoding.INT8_ROW:
+            return ("raw", tensor)
+        try:
+            q, scales = quantize_int8_rows(tensor)
+        except NonFiniteError:
+            raise ConversionError(
+                f"tensor {st.name!r} holds NaN or infinity and cannot be quantized; "
+                f"keep it raw with --keep-regex '{re.escape(st.name)}'"
+            ) from None
+        return ("int8", q, scales, tensor.dtype)
+
+    torch_threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cllm-prepare")
     try:
+        # the writer's zstd threads do the parallel work; torch's own intra-op threads would
+        # only fight them (and the 1 MiB quantization blocks are too small to split)
+        torch.set_num_threads(1)
         with CllmWriter(out, chunk_size=chunk_size, level=level, threads=threads or os.cpu_count() or 1, metadata=meta) as w:
-            for gname in sorted(groups, key=natural_key):
-                members = sorted(groups[gname], key=lambda t: natural_key(t.name))
-                began = False
-                for st in members:
-                    if st.shard not in handles:
-                        handles[st.shard] = safe_open(st.shard, framework="pt")
-                    tensor = handles[st.shard].get_tensor(st.name)
-                    elem = 2 if tensor.is_floating_point() else tensor.element_size()
-                    bf16_bytes += tensor.numel() * elem
-                    key = (tuple(tensor.shape), str(tensor.dtype), xxh3_64(tensor_bytes(tensor))) if tensor.numel() else None
-                    if key is not None and key in seen:
-                        other = seen[key]
-                        earlier = handles[ckpt.tensors[other].shard].get_tensor(other)
-                        if torch.equal(earlier.view(torch.uint8) if earlier.dtype != torch.bool else earlier,
-                                       tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor):
-                            aliases[st.name] = other
-                            if progress is not None:
-                                progress(st.nbytes)
-                            continue
-                    if not began:
-                        w.begin_group(gname)
-                        began = True
-                    enc = choose_encoding(st, quantize, keep)
-                    try:
-                        w.add_tensor(st.name, tensor, enc, progress=progress)
-                    except NonFiniteError:
-                        raise ConversionError(
-                            f"tensor {st.name!r} holds NaN or infinity and cannot be quantized; "
-                            f"keep it raw with --keep-regex '{re.escape(st.name)}'"
-                        ) from None
-                    if key is not None:
-                        seen[key] = st.name
-                    int8 += enc == C.Encoding.INT8_ROW
-                    del tensor
+            began: set[str] = set()
+            nxt = pool.submit(prepare, order[0][1]) if order else None
+            for i, (gname, st) in enumerate(order):
+                item = nxt.result()
+                nxt = pool.submit(prepare, order[i + 1][1]) if i + 1 < len(order) else None
+                if item[0] == "alias":
+                    aliases[st.name] = item[1]
+                    if progress is not None:
+                        progress(st.nbytes)
+                    continue
+                if gname not in began:
+                    w.begin_group(gname)
+                    began.add(gname)
+                if item[0] == "int8":
+                    w.add_int8_tensor(st.name, item[1], item[2], dtype=item[3], progress=progress)
+                    int8 += 1
+                else:
+                    w.add_tensor(st.name, item[1], C.Encoding.RAW, progress=progress)
+                del item
+            for alias, target in ckpt.ties.items():
+                aliases[alias] = aliases.get(target, target)
             for alias, target in aliases.items():
                 w.add_alias(alias, target)
             for name, data in side_files.items():
@@ -370,6 +449,10 @@ def convert(
             raise ConversionError(f"file size limit reached writing {out}; nothing was written") from None
         raise ConversionError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
+        for fh in handles.values():
+            fh.close()
         handles.clear()
     return ConversionReport(
         input_bytes=ckpt.nbytes,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import secrets
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,16 @@ PARTIAL_SUFFIX = ".cllm-partial"
 FILES_GROUP = C.FILES_GROUP
 BATCH_BYTES = 32 * 1024 * 1024
 """Raw bytes compressed per batch: bounds the compressed output held in memory."""
+DEFAULT_LEVEL = 3
+"""zstd level of raw tensor data (level 1 makes lossless bf16 0.5% larger)."""
+INT8_LEVEL = 1
+"""zstd level of int8 values: they are Huffman-coded literals with almost no matches, so
+level 1 gives the same size as level 3 (+0.003%), 1.3x faster (benchmarks/RESULTS.md)."""
+SMALL_STREAM_BYTES = 1024 * 1024
+SMALL_STREAM_LEVEL = 19
+"""Raw tensors and scales of at most SMALL_STREAM_BYTES, and embedded files of at most
+MAX_CHUNK_SIZE (one frame each) are compressed at least at this level: they are a small part
+of the work and shrink by 10-25%. int8 values never are: they gain nothing (benchmarks/RESULTS.md)."""
 
 TORCH_TO_DTYPE = {
     torch.float32: C.DType.F32,
@@ -79,7 +90,8 @@ class CllmWriter:
     Args:
         path: target path; written only at `finish()`, by atomic rename.
         chunk_size: raw bytes per chunk (default 64 KiB).
-        level: zstd level.
+        level: zstd level of all streams; None: DEFAULT_LEVEL for raw tensors, INT8_LEVEL
+            for int8 values (small streams and files always get at least SMALL_STREAM_LEVEL).
         threads: compression threads (zstandard releases the GIL).
         metadata: free string key/values stored in the index.
     """
@@ -89,7 +101,7 @@ class CllmWriter:
         path: str | os.PathLike,
         *,
         chunk_size: int = C.DEFAULT_CHUNK_SIZE,
-        level: int = 3,
+        level: int | None = None,
         threads: int = 1,
         metadata: dict[str, str] | None = None,
     ):
@@ -98,7 +110,9 @@ class CllmWriter:
         self.path = Path(path)
         self.chunk_size = chunk_size
         self.threads = max(1, int(threads))
-        self.codec = get_codec(C.Codec.ZSTD, level=level)
+        self.codec = get_codec(C.Codec.ZSTD, level=DEFAULT_LEVEL if level is None else level)
+        self.int8_codec = get_codec(C.Codec.ZSTD, level=INT8_LEVEL if level is None else level)
+        self.small_codec = get_codec(C.Codec.ZSTD, level=max(self.codec.level, SMALL_STREAM_LEVEL))
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         if len(self.metadata) > C.MAX_METADATA_ENTRIES or any(
             not k or len(k) > C.MAX_NAME_LENGTH or len(v.encode()) > C.MAX_METADATA_VALUE_LENGTH
@@ -183,18 +197,22 @@ class CllmWriter:
         self._group_names.add(name)
         self._group_start = self._pos
 
-    def _write_stream(self, data: memoryview, progress: Callable[[int], None] | None, scale: float) -> Stream:
-        """Chunk, compress (in batches, multi-threaded) and write one stream."""
+    def _write_stream(self, data: memoryview, progress: Callable[[int], None] | None, scale: float | Fraction,
+                      chunk_size: int | None = None, high_level_upto: int = 0, codec=None) -> Stream:
+        """Chunk, compress (in batches, multi-threaded) and write one stream. A stream of at
+        most `high_level_upto` bytes is compressed at SMALL_STREAM_LEVEL or more; `progress`
+        gets int(raw bytes done * scale) increments, summing exactly to int(length * scale)."""
         if self._group_start is None:
             raise RuntimeError("begin_group() must be called before writing data")
         length = len(data)
-        cs = self.chunk_size
+        cs = chunk_size or self.chunk_size
+        codec = self.small_codec if length <= high_level_upto else (codec or self.codec)
         records = np.zeros(-(-length // cs), dtype=CHUNK_DTYPE)
         batch = max(cs, BATCH_BYTES // cs * cs)
         i = 0
         for b0 in range(0, length, batch):
             raw_chunks = [data[o : min(o + cs, length)] for o in range(b0, min(b0 + batch, length), cs)]
-            frames = self.codec.encode(raw_chunks, threads=self.threads)
+            frames = codec.encode(raw_chunks, threads=self.threads)
             for raw, frame in zip(raw_chunks, frames):
                 self._pad_to(C.CHUNK_ALIGNMENT)
                 records[i] = (self._pos, len(frame), len(raw), xxh3_64(frame))
@@ -202,9 +220,10 @@ class CllmWriter:
                 self._pos += len(frame)
                 i += 1
             if progress is not None:
-                progress(int(sum(len(r) for r in raw_chunks) * scale))
+                done = min(b0 + batch, length)
+                progress(int(done * scale) - int(b0 * scale))
         records.flags.writeable = False
-        return Stream(codec=self.codec.codec_id, length=length, chunk_size=cs, chunks=records)
+        return Stream(codec=codec.codec_id, length=length, chunk_size=cs, chunks=records)
 
     def _claim_name(self, name: str) -> None:
         if not name or len(name) > C.MAX_NAME_LENGTH:
@@ -241,17 +260,12 @@ class CllmWriter:
         self._claim_name(name)
         in_bytes = tensor.numel() * tensor.element_size()
         if encoding == C.Encoding.RAW:
-            streams = (self._write_stream(tensor_bytes(tensor), progress, 1.0),)
+            streams = (self._write_stream(tensor_bytes(tensor), progress, 1.0, high_level_upto=SMALL_STREAM_BYTES),)
         elif encoding == C.Encoding.INT8_ROW:
             if tensor.dim() != 2 or dtype not in C.FLOAT_DTYPES:
                 raise ValueError(f"tensor {name!r}: int8_row needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
             q, scales = quantize_int8_rows(tensor)
-            q_bytes = q.numel()
-            scale = in_bytes / max(1, q_bytes + scales.numel() * 4)
-            streams = (
-                self._write_stream(tensor_bytes(q), progress, scale),
-                self._write_stream(tensor_bytes(scales), progress, scale),
-            )
+            streams = self._write_int8_streams(q, scales, progress, in_bytes)
             del q, scales
         else:
             raise ValueError(f"unknown encoding {encoding!r}")
@@ -262,6 +276,44 @@ class CllmWriter:
             encoding=C.Encoding(encoding),
             group=len(self._groups) - 1,
             streams=streams,
+        )
+        self._tensors.append(entry)
+        return entry
+
+    def _write_int8_streams(self, q: torch.Tensor, scales: torch.Tensor,
+                            progress: Callable[[int], None] | None, in_bytes: int) -> tuple[Stream, Stream]:
+        """The two streams of an int8_row tensor; progress totals `in_bytes` (the source's size)."""
+        q_bytes, s_bytes = q.numel(), scales.numel() * 4
+        total = max(1, q_bytes + s_bytes)
+        # progress in source bytes: q's share is int(q_bytes * in_bytes / total), the rest is the scales'
+        q_share = q_bytes * in_bytes // total
+        return (
+            self._write_stream(tensor_bytes(q), progress, Fraction(q_share, max(1, q_bytes)), codec=self.int8_codec),
+            self._write_stream(tensor_bytes(scales), progress, Fraction(in_bytes - q_share, max(1, s_bytes)),
+                               high_level_upto=SMALL_STREAM_BYTES),
+        )
+
+    def add_int8_tensor(
+        self, name: str, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+        progress: Callable[[int], None] | None = None,
+    ) -> TensorEntry:
+        """Write an already-quantized int8_row tensor (e.g. quantized on a GPU, or on another
+        thread); the bytes are those add_tensor writes for the same q and scales.
+
+        Args:
+            q: int8 [rows, cols]; scales: float32 [rows]; dtype: the logical float dtype.
+            progress: called with increments that total the size of the source in `dtype`.
+        """
+        self._require(WriterState.OPEN)
+        if q.dtype != torch.int8 or q.dim() != 2 or scales.dtype != torch.float32 or scales.shape != (q.shape[0],):
+            raise ValueError(f"tensor {name!r}: need int8 [rows, cols] and float32 [rows] scales")
+        if dtype not in TORCH_TO_DTYPE or TORCH_TO_DTYPE[dtype] not in C.FLOAT_DTYPES:
+            raise ValueError(f"tensor {name!r}: logical dtype must be a float dtype, got {dtype}")
+        self._claim_name(name)
+        streams = self._write_int8_streams(q, scales, progress, q.numel() * dtype.itemsize)
+        entry = TensorEntry(
+            name=name, shape=(int(q.shape[0]), int(q.shape[1])), dtype=TORCH_TO_DTYPE[dtype],
+            encoding=C.Encoding.INT8_ROW, group=len(self._groups) - 1, streams=streams,
         )
         self._tensors.append(entry)
         return entry
@@ -296,7 +348,10 @@ class CllmWriter:
             if self._pending_files:
                 self.begin_group(FILES_GROUP, _files=True)
                 for name, data in self._pending_files:
-                    stream = self._write_stream(memoryview(data), None, 1.0)
+                    # one frame per file (up to MAX_CHUNK_SIZE): files are never decoded by chunk
+                    one_frame = min(C.MAX_CHUNK_SIZE, max(C.MIN_CHUNK_SIZE, len(data)))
+                    stream = self._write_stream(memoryview(data), None, 1.0, chunk_size=one_frame,
+                                                high_level_upto=C.MAX_CHUNK_SIZE)
                     self._files.append(EmbeddedFile(name=name, group=len(self._groups) - 1, stream=stream))
             self._close_group()
             index = Index(
