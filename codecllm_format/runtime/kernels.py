@@ -1,0 +1,106 @@
+"""Compute kernels of the runtime. For now only the reference implementations: dequantize
+int8 per-row weights to the activation dtype, then use torch's own ops. Faster (fused) kernels
+must match these (see DESIGN.md: every fast path is proven equal to the slow path)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LAYOUTS = ("linear", "conv1d")
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32(q) * scale[row], cast to `dtype` (bit-identical to quant.dequantize_int8_rows)."""
+    w = q.to(torch.float32)
+    w.mul_(scales.to(torch.float32)[:, None])
+    return w.to(dtype)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    layout: str = "linear",
+) -> torch.Tensor:
+    """y = x @ W^T + bias with W from int8 rows: the fused Triton kernel (runtime/triton_kernels.py,
+    the dequantized weight never exists) when x is a bfloat16/float16 CUDA tensor, layout is
+    "linear", Triton imports and the shapes are supported; int8_linear_reference otherwise (always
+    on the CPU). CODECLLM_TRITON=0 forces the reference. Same arguments and result as
+    int8_linear_reference."""
+    if layout == "linear" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        tk = _triton_kernels()
+        y = tk.maybe_int8_linear(x, q, scales, bias) if tk is not None else None
+        if y is not None:
+            return y
+    return int8_linear_reference(x, q, scales, bias, layout=layout)
+
+
+_TRITON: list = []  # [module or None], filled on first use
+
+
+def _triton_kernels():
+    """runtime.triton_kernels, or None where Triton is missing/broken or CODECLLM_TRITON=0."""
+    if not _TRITON:
+        import os
+
+        mod = None
+        if os.environ.get("CODECLLM_TRITON", "1").lower() not in ("0", "false", "off", "no"):
+            try:
+                from . import triton_kernels as mod
+            except Exception:  # ImportError, or a Triton that fails to initialise
+                mod = None
+        _TRITON.append(mod)
+    return _TRITON[0]
+
+
+def int8_linear_reference(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    layout: str = "linear",
+) -> torch.Tensor:
+    """y = x @ W^T + bias with W dequantized from int8 rows (reference implementation).
+
+    Args:
+        x: activations (..., in_features); its dtype is the compute dtype.
+        q: int8 weight in its stored shape: (out, in) for layout "linear" (nn.Linear),
+            (in, out) for layout "conv1d" (transformers' GPT-2 Conv1D).
+        scales: float32 scale of each stored row.
+        bias: optional (out,) bias, in x's dtype.
+        layout: "linear" or "conv1d".
+
+    Returns:
+        (..., out_features) in x's dtype. The dequantized weight is a temporary freed on return.
+    """
+    w = dequantize(q, scales, x.dtype)
+    if layout == "conv1d":
+        w = w.t()
+    elif layout != "linear":
+        raise ValueError(f"int8_linear: layout must be one of {LAYOUTS}, got {layout!r}")
+    return F.linear(x, w, bias)
+
+
+def int8_embedding(
+    ids: torch.Tensor, q_rows: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Embedding vectors of `ids` from their int8 rows.
+
+    Args:
+        ids: token ids, any shape (only the shape is used).
+        q_rows: int8 rows [ids.numel(), dim], the table rows of ids.reshape(-1) in order.
+        scales: float32 [ids.numel()], the scales of those rows.
+        dtype: output dtype.
+
+    Returns:
+        ids.shape + (dim,) tensor of `dtype`.
+    """
+    if q_rows.dim() != 2 or q_rows.shape[0] != ids.numel() or scales.shape != (ids.numel(),):
+        raise ValueError(
+            f"int8_embedding: {ids.numel()} ids, but rows {tuple(q_rows.shape)} and scales {tuple(scales.shape)}"
+        )
+    return dequantize(q_rows, scales, dtype).reshape(*ids.shape, q_rows.shape[1])

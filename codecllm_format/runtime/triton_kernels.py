@@ -1,0 +1,513 @@
+"""Fused int8-weight x bf16/fp16-activation matmul in Triton; the dequantized weight never exists.
+
+Same function as kernels.int8_linear_reference for layout "linear":
+W[r, c] = float32(q[r, c]) * scale[r], y = x @ W^T + bias, q of shape (out, in). Because the scale
+belongs to an output row, the kernels accumulate sum_c x[c] * q[r, c] in float32 and multiply by
+scale[r] once at the end (the same function; the rounding differs from dequantize-then-matmul by
+far less than bf16's own rounding of the output).
+
+Two paths:
+- GEMV (M <= GEMV_MAX_M rows of activations, decode): CUDA-core multiply-add. Each program owns
+  BLOCK_N output rows and streams their int8 weight along K (a warp reads 256 contiguous bytes of
+  each row per load, every thread keeps BLOCK_N independent 8-byte loads in flight); the
+  accumulator stays elementwise in registers and is reduced once at the end; split-K over a
+  float32 workspace (then a small reduce kernel) when there are too few row blocks to fill the GPU.
+- GEMM (more rows, prefill): tiled tl.dot; the int8 tile is converted to the activation dtype in
+  registers; the scale is applied to the accumulator at the end. SWAP_AB computes the transposed
+  tile (weight rows as the MMA's M side) which suits small M; autotune picks.
+
+On the GPU both kernels are autotuned per shape (triton.autotune: the first call of each shape
+compiles and times a few configs; set CODECLLM_TRITON_AUTOTUNE=0 to use the default config only). Under TRITON_INTERPRET=1 (CPU, CI) they run untuned with the given or default config;
+there the bf16 tl.dot of Triton's interpreter is wrong (it multiplies the raw uint16 storage), so
+for bf16 the interpreter-only flag DOT_F32 upcasts the dot's operands to float32 (exact: products
+of bf16 values are exact in float32); fp16 runs the GPU code path unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+AUTOTUNE = os.environ.get("CODECLLM_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+GEMV_MAX_M = 8  # rows of activations up to which the GEMV path runs (decode)
+DTYPES = (torch.bfloat16, torch.float16)
+_MAX_SPLIT_K = 16
+_POISON_WORKSPACE = False  # tests: fill the split-K workspace with NaN so unwritten partials show
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMV: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] + bias[n], for a few rows m.
+#
+# Register layout: every thread holds 8 consecutive K elements (8 bytes of int8, 16 bytes of bf16)
+# of every [m, n] of the tile; the 32 lanes and the warps lie along K (BLOCK_K = 256 * num_warps),
+# so the weight tile [1, BN, BK] and the activation tile [BM, 1, BK] get the same layout (no
+# shared-memory conversion), the accumulator [BM, BN, BK] is elementwise, and the one reduction
+# across lanes and warps happens after the K loop. The max_contiguous hint caps the vector width
+# at 8 elements so that the int8 and the bf16 tiles agree.
+
+
+@triton.jit
+def _int8_to_f32(w, FAST_CVT: tl.constexpr):
+    """Exact int8 -> float32. FAST_CVT: (v + 128) goes into the low mantissa bits of 2^23 by one
+    bitwise op and 2^23 + 128 is subtracted (integer + float pipes, instead of the quarter-rate
+    I2F conversion)."""
+    if FAST_CVT:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32)  # zero-extended byte
+        return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _gemv_step(x_ptrs, w_ptrs, k0, rk, K, acc, MASKED: tl.constexpr, FAST_CVT: tl.constexpr):
+    """acc[BM, BN, BK] += x[:, None, k0:k0+BK] * w[None, :, k0:k0+BK]."""
+    ks = tl.max_contiguous(tl.multiple_of(k0 + rk, 8), 8)[None, None, :]  # [1, 1, BK]
+    if MASKED:
+        kmask = ks < K
+        w = tl.load(w_ptrs + ks, mask=kmask, other=0)
+        xv = tl.load(x_ptrs + ks, mask=kmask, other=0.0)
+    else:
+        w = tl.load(w_ptrs + ks)
+        xv = tl.load(x_ptrs + ks)
+    return acc + _int8_to_f32(w, FAST_CVT) * xv.to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_ym,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST_CVT: tl.constexpr = True,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past M / N re-read row M-1 / N-1 (never stored): the loads need no row masks
+    rm_c = tl.minimum(rm, M - 1).to(tl.int64)
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    x_ptrs = x_ptr + rm_c[:, None, None] * stride_xm  # [BM, 1, 1]
+    w_ptrs = q_ptr + rn_c[None, :, None] * stride_qn  # [1, BN, 1]
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + tl.maximum(k_hi - k_lo, 0) // BLOCK_K * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc = _gemv_step(x_ptrs, w_ptrs, k0, rk, K, acc, False, FAST_CVT)
+    if k_full < k_hi:  # only the last split can end inside a block
+        acc = _gemv_step(x_ptrs, w_ptrs, k_full, rk, K, acc, True, FAST_CVT)
+    out = tl.sum(acc, axis=2)  # [BM, BN]
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        out = out * tl.load(s_ptr + rn_c)[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:  # raw partial sums into the float32 workspace [SPLIT_K, M, N]
+        ws_ptrs = ws_ptr + (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(ws_ptrs, out, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, total, N, stride_ym,
+                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """y[m, n] = (sum_s ws[s, m, n]) * scale[n] + bias[n], cast to y's dtype; total = M * N."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    p = ws_ptr + offs
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p, mask=mask, other=0.0)
+        p += total
+    n = offs % N
+    m = offs // N
+    acc = acc * tl.load(s_ptr + n, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM: tiled tl.dot, int8 tile converted in registers, scale on the accumulator at the end.
+
+
+@triton.jit
+def _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc,
+               SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """acc += one BLOCK_K slice. SWAP_AB: acc[BN, BM] += W[BN, BK] @ X^T[BK, BM] (the weight is
+    the MMA's A operand, straight from registers); else acc[BM, BN] += X[BM, BK] @ W^T[BK, BN]."""
+    ks = k0 + rk
+    if SWAP_AB:
+        if MASKED:
+            kmask = ks < K
+            w = tl.load(w_ptrs + ks[None, :], mask=kmask[None, :], other=0)
+            xt = tl.load(x_ptrs + ks[:, None].to(tl.int64) * stride_xk, mask=kmask[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs + ks[None, :])
+            xt = tl.load(x_ptrs + ks[:, None].to(tl.int64) * stride_xk)
+        w = w.to(tl.float32)
+        if DOT_F32:
+            acc = tl.dot(w, xt.to(tl.float32), acc)
+        else:
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    else:
+        if MASKED:
+            kmask = ks < K
+            x = tl.load(x_ptrs + ks[None, :].to(tl.int64) * stride_xk, mask=kmask[None, :], other=0.0)
+            wt = tl.load(w_ptrs + ks[:, None], mask=kmask[:, None], other=0)
+        else:
+            x = tl.load(x_ptrs + ks[None, :].to(tl.int64) * stride_xk)
+            wt = tl.load(w_ptrs + ks[:, None])
+        wt = wt.to(tl.float32)
+        if DOT_F32:
+            acc = tl.dot(x.to(tl.float32), wt, acc)
+        else:
+            acc = tl.dot(x, wt.to(x.dtype), acc)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, M_KEY,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+):  # fmt: skip
+    # M_KEY (M rounded up to a power of two) is only the autotuning key.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_c = tl.minimum(rm, M - 1).to(tl.int64)  # out-of-range rows/cols re-read valid ones, never stored
+    rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_full = k_lo + tl.maximum(k_hi - k_lo, 0) // BLOCK_K * BLOCK_K
+    if SWAP_AB:
+        w_ptrs = q_ptr + rn_c[:, None] * stride_qn  # [BN, 1] (+ ks[None, :])
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm  # [1, BM] (+ ks[:, None] * stride_xk)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_ptrs = x_ptr + rm_c[:, None] * stride_xm  # [BM, 1]
+        w_ptrs = q_ptr + rn_c[None, :] * stride_qn  # [1, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        acc = _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc, SWAP_AB, DOT_F32, False)
+    if k_full < k_hi:  # only the last split can end inside a block
+        acc = _gemm_step(x_ptrs, w_ptrs, k_full, rk, K, stride_xk, acc, SWAP_AB, DOT_F32, True)
+
+    if SWAP_AB:  # acc is [BN, BM]
+        mask = (rn[:, None] < N) & (rm[None, :] < M)
+        if SPLIT_K == 1:
+            acc = acc * tl.load(s_ptr + rn_c)[:, None]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn_c).to(tl.float32)[:, None]
+            y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            ws_ptrs = ws_ptr + (pid_k * M + rm.to(tl.int64))[None, :] * N + rn[:, None]
+            tl.store(ws_ptrs, acc, mask=mask)
+    else:  # acc is [BM, BN]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if SPLIT_K == 1:
+            acc = acc * tl.load(s_ptr + rn_c)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            ws_ptrs = ws_ptr + (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+            tl.store(ws_ptrs, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and autotuning.
+
+
+def _cfg(num_warps=4, num_stages=3, **kw) -> triton.Config:
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+# GEMV: BLOCK_K = 256 * num_warps (see the layout note above); BLOCK_M * BLOCK_N * 8 accumulator
+# registers a thread, so _prune_gemv keeps BLOCK_M * BLOCK_N <= 16.
+GEMV_CONFIGS = [
+    _cfg(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=1),
+    _cfg(BLOCK_N=16, BLOCK_K=1024, num_warps=4, num_stages=1),
+    _cfg(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1),
+    _cfg(BLOCK_N=2, BLOCK_K=1024, num_warps=4, num_stages=1),
+    _cfg(BLOCK_N=1, BLOCK_K=1024, num_warps=4, num_stages=1),
+    _cfg(BLOCK_N=8, BLOCK_K=512, num_warps=2, num_stages=1),
+    _cfg(BLOCK_N=4, BLOCK_K=512, num_warps=2, num_stages=1),
+    _cfg(BLOCK_N=8, BLOCK_K=2048, num_warps=8, num_stages=1),
+]
+
+# GEMM: first config = default when not autotuning.
+GEMM_CONFIGS = [
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=False, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, num_warps=8, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=True, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP_AB=True, num_warps=4, num_stages=4),
+    # few rows (short prompts, or decode when GEMV_MAX_M is lowered): weight rows fill the MMA's
+    # 64-row side, the activation rows are its narrow side
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
+]
+
+
+def _gemv_default_config(block_m: int) -> triton.Config:
+    return _prune_gemv(GEMV_CONFIGS, {"BLOCK_M": block_m})[0]
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """Keep configs whose accumulator (BLOCK_M * BLOCK_N * 8 floats a thread) stays <= 128
+    registers and that give each program at least 2 row-slots."""
+    bm = int(kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1)))
+    keep = [c for c in configs if 2 <= bm * c.kwargs["BLOCK_N"] <= 16]
+    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 1][:1] or configs[:1]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Keep tiles whose BLOCK_M suits M: no 128-row tiles for 16 rows, no 16-row tiles for 4096."""
+    m = int(named_args["M_KEY"])
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m) and (m < 256 or c.kwargs["BLOCK_M"] >= 64)]
+    return keep or configs[:1]
+
+
+def _gemm_default_config(m_key: int) -> triton.Config:
+    return _prune_gemm(GEMM_CONFIGS, {"M_KEY": m_key})[0]
+
+
+_gemv_tuned = triton.autotune(
+    configs=GEMV_CONFIGS, key=["N", "K", "BLOCK_M", "SPLIT_K"], prune_configs_by={"early_config_prune": _prune_gemv}
+)(_gemv_kernel)
+_gemm_tuned = triton.autotune(
+    configs=GEMM_CONFIGS, key=["M_KEY", "N", "K", "SPLIT_K"], prune_configs_by={"early_config_prune": _prune_gemm}
+)(_gemm_kernel)
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: a small number exercises the split-K choice the same way
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _split_k(programs: int, k: int, sms: int, target: float, min_k: int) -> int:
+    """Smallest power of two that brings programs * split to target * sms, keeping at least
+    min_k columns of K per split (at most _MAX_SPLIT_K)."""
+    split = 1
+    while programs * split < target * sms and k // (split * 2) >= min_k and split < _MAX_SPLIT_K:
+        split *= 2
+    return split
+
+
+def gemv_split_k(m: int, n: int, k: int, sms: int) -> int:
+    """Split-K of the GEMV path: enough (n / 8)-row programs for two per multiprocessor."""
+    return _split_k(triton.cdiv(n, 8), k, sms, 2.0, 1024)
+
+
+def gemm_split_k(m: int, n: int, k: int, sms: int) -> int:
+    """Split-K of the GEMM path, for few rows only (m <= 64): fill the multiprocessors once with
+    about 64-row weight tiles."""
+    if m > 64:
+        return 1
+    return _split_k(triton.cdiv(m, 64) * triton.cdiv(n, 64), k, sms, 1.0, 512)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def unsupported_reason(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> str | None:
+    """Why the fused kernels can't compute int8_linear(x, q, scales, bias) (layout "linear"), or
+    None when they can. The caller then uses the reference path."""
+    if not (x.is_cuda or INTERPRET):
+        return "x is not on a CUDA device"
+    if x.dtype not in DTYPES:
+        return f"x dtype {x.dtype} (needs bfloat16 or float16)"
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return "autograd (the kernels have no backward)"
+    if q.dtype != torch.int8 or q.dim() != 2:
+        return f"q must be 2-D int8, got {q.dtype} {tuple(q.shape)}"
+    n, k = q.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        return f"x {tuple(x.shape)} does not end in in_features {k}"
+    if n == 0 or k == 0 or x.numel() == 0:
+        return "empty tensor"
+    if q.device != x.device or scales.device != x.device:
+        return "q/scales not on x's device"
+    if q.stride(1) != 1 or q.stride(0) < k:
+        return "q rows are not contiguous"
+    if scales.shape != (n,):
+        return f"scales shape {tuple(scales.shape)} != ({n},)"
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device or bias.dtype != x.dtype):
+        return "bias shape/device/dtype differs from (out_features,) on x's device in x's dtype"
+    return None
+
+
+def maybe_int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """int8_linear_triton(x, q, scales, bias), or None where unsupported_reason gives a reason
+    (the caller then takes the reference path). One check, for the dispatch in kernels.py."""
+    if unsupported_reason(x, q, scales, bias) is not None:
+        return None
+    return _run(x, q, scales, bias, None, None, None)
+
+
+def int8_linear_triton(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ (float32(q) * scales[:, None])^T + bias, fused (layout "linear").
+
+    Args:
+        x: (..., in_features) bfloat16 or float16 activations on a CUDA device (any strides).
+        q: (out_features, in_features) int8 weight, rows contiguous.
+        scales: (out_features,) scale of each row (converted to float32).
+        bias: optional (out_features,) bias in x's dtype.
+        path: "gemv", "gemm" or None (GEMV for up to GEMV_MAX_M rows of x, else GEMM).
+        config: meta-parameters to force instead of autotuning (keys of a GEMV_CONFIGS /
+            GEMM_CONFIGS entry, plus optional num_warps, num_stages and, for GEMV, SPLIT_K).
+        out: optional contiguous (..., out_features) tensor of x's dtype to write into.
+
+    Returns:
+        (..., out_features) in x's dtype (`out` when given).
+
+    Raises:
+        ValueError: the inputs are outside what the kernels support (see unsupported_reason).
+    """
+    why = unsupported_reason(x, q, scales, bias)
+    if why is not None:
+        raise ValueError(f"int8_linear_triton: {why}")
+    return _run(x, q, scales, bias, path, config, out)
+
+
+def _run(x, q, scales, bias, path, config, out) -> torch.Tensor:
+    n, k = q.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    s = scales if scales.dtype == torch.float32 and scales.is_contiguous() else scales.float().contiguous()
+    b = bias.contiguous() if bias is not None else None
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(
+            f"int8_linear_triton: out must be a contiguous {shape} {x.dtype} tensor on {x.device}, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})"
+        )
+    else:
+        y = out
+    y2 = y.view(m, n)
+    if path is None:
+        path = "gemv" if m <= GEMV_MAX_M else "gemm"
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            _launch(path, x2, q, s, b, y2, config)
+    else:
+        _launch(path, x2, q, s, b, y2, config)
+    return y
+
+
+def _launch(path, x2, q, s, b, y2, config) -> None:
+    m, k = x2.shape
+    n = q.shape[0]
+    has_bias = b is not None
+    b_arg = b if has_bias else s  # any valid pointer; never read without HAS_BIAS
+    cfg = dict(config or {})
+    split = int(cfg.pop("SPLIT_K", 0))
+    if path == "gemv":
+        if m > 16:
+            raise ValueError(f"int8_linear_triton: the GEMV path takes at most 16 rows of x, got {m}")
+        split = split or gemv_split_k(m, n, k, _sm_count(x2.device))
+    elif path == "gemm":
+        split = split or gemm_split_k(m, n, k, _sm_count(x2.device))
+    else:
+        raise ValueError(f"int8_linear_triton: path must be 'gemv', 'gemm' or None, got {path!r}")
+    ws = y2  # never touched when split == 1
+    if split > 1:
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+        if _POISON_WORKSPACE:
+            ws.fill_(float("nan"))
+    tuned = not (cfg or INTERPRET or not AUTOTUNE)
+
+    if path == "gemv":
+        block_m = triton.next_power_of_2(m)
+        args = (x2, q, s, b_arg, y2, ws, m, n, k, x2.stride(0), q.stride(0), y2.stride(0))
+        consts = dict(HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_M=block_m)
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), split)
+
+        if tuned:
+            _gemv_tuned[grid](*args, **consts)
+        else:
+            base = _gemv_default_config(block_m)
+            meta = {**base.kwargs, "num_warps": base.num_warps, "num_stages": base.num_stages, **cfg}
+            _gemv_kernel[grid](*args, **consts, **meta)
+    else:
+        m_key = min(triton.next_power_of_2(m), 4096)
+        args = (x2, q, s, b_arg, y2, ws, m, n, k, x2.stride(0), x2.stride(1), q.stride(0), y2.stride(0), m_key)
+        consts = dict(HAS_BIAS=has_bias, DOT_F32=INTERPRET and x2.dtype == torch.bfloat16, SPLIT_K=split)
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+
+        if tuned:
+            _gemm_tuned[grid](*args, **consts)
+        else:
+            base = _gemm_default_config(m_key)
+            meta = {**base.kwargs, "num_warps": base.num_warps, "num_stages": base.num_stages, **cfg}
+            _gemm_kernel[grid](*args, **consts, **meta)
+
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            ws, s, b_arg, y2, m * n, n, y2.stride(0), HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=block
+        )
+
+
+def best_configs() -> dict:
+    """The autotuner's chosen config per key so far (for benchmark reports)."""
+    out = {}
+    for name, tuned in (("gemv", _gemv_tuned), ("gemm", _gemm_tuned)):
+        out[name] = {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+    return out
