@@ -187,5 +187,50 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
     return _run("cllm-verify", body)
 
 
+# --- cllm-generate ---------------------------------------------------------------------------
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cllm-generate",
+        description="Load a .cllm file (weights stay compressed; each layer is decoded right before "
+        "it runs) and print the text generated after a prompt. Greedy unless --sample.",
+        epilog='examples:\n  cllm-generate model.cllm "The capital of France is"\n'
+        '  cllm-generate chat.cllm "What is the capital of France?" --chat --max-new-tokens 64',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", help="a .cllm file with an embedded config and tokenizer")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the model's)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample (with the model's generation settings) instead of greedy")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+
+    def body() -> int:
+        from .loader import load
+
+        try:
+            model = load(args.file, device=args.device, dtype=args.dtype)
+        except ValueError as e:  # a bad --dtype
+            raise CllmError(str(e)) from None
+        with model:
+            text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, do_sample=args.sample)
+        print(text)
+        return 0
+
+    def guarded() -> int:
+        try:
+            return body()
+        except ValueError as e:  # chat without a template
+            print(f"cllm-generate: error: {e}", file=sys.stderr)
+            return 1
+
+    return _run("cllm-generate", guarded)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(convert_main())
