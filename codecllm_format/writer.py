@@ -44,10 +44,14 @@ INT8_LEVEL = 1
 """zstd level of int8 values: they are Huffman-coded literals with almost no matches, so
 level 1 gives the same size as level 3 (+0.003%), 1.3x faster (benchmarks/RESULTS.md)."""
 SMALL_STREAM_BYTES = 1024 * 1024
-SMALL_STREAM_LEVEL = 19
-"""Raw tensors and scales of at most SMALL_STREAM_BYTES, and embedded files of at most
-MAX_CHUNK_SIZE (one frame each) are compressed at least at this level: they are a small part
-of the work and shrink by 10-25%. int8 values never are: they gain nothing (benchmarks/RESULTS.md)."""
+SMALL_STREAM_LEVEL = 6
+"""Raw tensors and scales of at most SMALL_STREAM_BYTES are compressed at least at this level:
+2-20% smaller than level 3 (float32 scales), and they are ~0.1% of the input. Higher levels
+gain a few % more at 3-10x the time (benchmarks/RESULTS.md)."""
+FILE_LEVEL = 19
+"""Embedded files (config, tokenizer) are compressed at this level, one frame per file up to
+MAX_CHUNK_SIZE: 22% smaller than level 3 in 64 KiB chunks; they are compressed once and
+never decoded by chunk."""
 
 TORCH_TO_DTYPE = {
     torch.float32: C.DType.F32,
@@ -113,6 +117,7 @@ class CllmWriter:
         self.codec = get_codec(C.Codec.ZSTD, level=DEFAULT_LEVEL if level is None else level)
         self.int8_codec = get_codec(C.Codec.ZSTD, level=INT8_LEVEL if level is None else level)
         self.small_codec = get_codec(C.Codec.ZSTD, level=max(self.codec.level, SMALL_STREAM_LEVEL))
+        self.file_codec = get_codec(C.Codec.ZSTD, level=max(self.codec.level, FILE_LEVEL))
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         if len(self.metadata) > C.MAX_METADATA_ENTRIES or any(
             not k or len(k) > C.MAX_NAME_LENGTH or len(v.encode()) > C.MAX_METADATA_VALUE_LENGTH
@@ -198,15 +203,15 @@ class CllmWriter:
         self._group_start = self._pos
 
     def _write_stream(self, data: memoryview, progress: Callable[[int], None] | None, scale: float | Fraction,
-                      chunk_size: int | None = None, high_level_upto: int = 0, codec=None) -> Stream:
-        """Chunk, compress (in batches, multi-threaded) and write one stream. A stream of at
-        most `high_level_upto` bytes is compressed at SMALL_STREAM_LEVEL or more; `progress`
-        gets int(raw bytes done * scale) increments, summing exactly to int(length * scale)."""
+                      chunk_size: int | None = None, codec=None) -> Stream:
+        """Chunk, compress (in batches, multi-threaded) and write one stream (with `codec`,
+        default the raw-data one); `progress` gets int(raw bytes done * scale) increments,
+        summing exactly to int(length * scale)."""
         if self._group_start is None:
             raise RuntimeError("begin_group() must be called before writing data")
         length = len(data)
         cs = chunk_size or self.chunk_size
-        codec = self.small_codec if length <= high_level_upto else (codec or self.codec)
+        codec = codec or self.codec
         records = np.zeros(-(-length // cs), dtype=CHUNK_DTYPE)
         batch = max(cs, BATCH_BYTES // cs * cs)
         i = 0
@@ -260,7 +265,9 @@ class CllmWriter:
         self._claim_name(name)
         in_bytes = tensor.numel() * tensor.element_size()
         if encoding == C.Encoding.RAW:
-            streams = (self._write_stream(tensor_bytes(tensor), progress, 1.0, high_level_upto=SMALL_STREAM_BYTES),)
+            data = tensor_bytes(tensor)
+            codec = self.small_codec if len(data) <= SMALL_STREAM_BYTES else self.codec
+            streams = (self._write_stream(data, progress, 1.0, codec=codec),)
         elif encoding == C.Encoding.INT8_ROW:
             if tensor.dim() != 2 or dtype not in C.FLOAT_DTYPES:
                 raise ValueError(f"tensor {name!r}: int8_row needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
@@ -290,7 +297,7 @@ class CllmWriter:
         return (
             self._write_stream(tensor_bytes(q), progress, Fraction(q_share, max(1, q_bytes)), codec=self.int8_codec),
             self._write_stream(tensor_bytes(scales), progress, Fraction(in_bytes - q_share, max(1, s_bytes)),
-                               high_level_upto=SMALL_STREAM_BYTES),
+                               codec=self.small_codec if s_bytes <= SMALL_STREAM_BYTES else self.codec),
         )
 
     def add_int8_tensor(
@@ -350,8 +357,8 @@ class CllmWriter:
                 for name, data in self._pending_files:
                     # one frame per file (up to MAX_CHUNK_SIZE): files are never decoded by chunk
                     one_frame = min(C.MAX_CHUNK_SIZE, max(C.MIN_CHUNK_SIZE, len(data)))
-                    stream = self._write_stream(memoryview(data), None, 1.0, chunk_size=one_frame,
-                                                high_level_upto=C.MAX_CHUNK_SIZE)
+                    codec = self.file_codec if len(data) <= C.MAX_CHUNK_SIZE else self.codec
+                    stream = self._write_stream(memoryview(data), None, 1.0, chunk_size=one_frame, codec=codec)
                     self._files.append(EmbeddedFile(name=name, group=len(self._groups) - 1, stream=stream))
             self._close_group()
             index = Index(

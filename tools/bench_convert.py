@@ -123,6 +123,30 @@ def build_checkpoint(folder: Path, size_gb: float, hidden: int, intermediate: in
             "tensors": len(shapes)}
 
 
+def describe_checkpoint(folder: Path) -> dict:
+    """The same summary as build_checkpoint's, read from an existing checkpoint's headers."""
+    from safetensors import safe_open
+
+    shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
+    total = largest = count = 0
+    layers = set()
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                n = 2
+                for d in sl.get_shape():
+                    n *= d
+                total += n
+                largest = max(largest, n)
+                count += 1
+                parts = name.split(".")
+                if "layers" in parts:
+                    layers.add(parts[parts.index("layers") + 1])
+    return {"layers": len(layers), "shards": len(shards), "input_bytes": total, "largest_tensor_bytes": largest,
+            "tensors": count}
+
+
 def _stable_seed(name: str) -> int:
     import zlib
 
@@ -228,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level", type=int, default=None, help="zstd level (default: the converter's)")
     p.add_argument("--chunk-size", default=None, help="chunk size (default: the converter's)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    p.add_argument("--checkpoint", type=Path, help="convert this existing bf16 checkpoint instead of building one (kept)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
     p.add_argument("--profile", action="store_true", help="cProfile the converter; print the top functions")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -238,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "synthetic-llama.cllm"
     try:
         t0 = time.perf_counter()
-        info = build_checkpoint(src, args.size_gb, args.hidden, args.intermediate, args.vocab,
-                                int(args.shard_gb * 1e9))
-        build_s = time.perf_counter() - t0
-        print(f"built {info['input_bytes'] / 1e9:.2f} GB bf16 checkpoint ({info['layers']} layers, "
-              f"{info['tensors']} tensors, {info['shards']} shards) in {build_s:.0f} s", file=sys.stderr)
+        if args.checkpoint:
+            src = args.checkpoint
+            info = describe_checkpoint(src)
+        else:
+            info = build_checkpoint(src, args.size_gb, args.hidden, args.intermediate, args.vocab,
+                                    int(args.shard_gb * 1e9))
+            print(f"built {info['input_bytes'] / 1e9:.2f} GB bf16 checkpoint ({info['layers']} layers, "
+                  f"{info['tensors']} tensors, {info['shards']} shards) in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr)
         prof = work / "convert.prof" if args.profile else None
         load0 = os.getloadavg()
         res = run_conversion(src, out, args.threads, args.level, args.chunk_size, prof)
