@@ -120,3 +120,21 @@ def test_missing_nvcomp_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.nvcomp", None)
     with pytest.raises(cf.CodecUnavailable, match=r"codecllm-format\[gpu\]"):
         import_nvcomp()
+
+
+@needs_cuda
+def test_clean_exit_after_gpu_decode(tmp_path):
+    """nvCOMP allocates through torch's caching allocator: the process must still exit cleanly."""
+    import subprocess
+
+    path = tmp_path / "m.cllm"
+    _write(path, layers=1)
+    code = (
+        "import sys, codecllm_format as cf\n"
+        "from codecllm_format.runtime.gpu import GpuProvider\n"
+        f"f = cf.open({str(path)!r})\n"
+        "p = GpuProvider(f, 'cuda', residency='host', codec='ans')\n"
+        "p.begin_group(1); p.linear_weight('model.layers.0.up.weight'); p.end_group(1)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -193,6 +193,7 @@ class GpuProvider:
             # Transcode zstd -> a fast GPU codec, once, and prove the round trip bit-exact.
             if scratch is None or scratch.numel() < 2 * lay.decoded_bytes:
                 scratch = torch.empty(2 * max(l.decoded_bytes for l in self.layouts.values()), dtype=torch.uint8, device=dev)
+            scratch.zero_()  # alignment gaps between streams are never written by a decode
             decoded = scratch[: lay.decoded_bytes]
             check = scratch[lay.decoded_bytes : 2 * lay.decoded_bytes]
             self._decode_now(g, compressed, decoded)
@@ -365,7 +366,7 @@ class GpuProvider:
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
-        self.decoder.forget()
+        self.decoder.close()
         self.slots.clear()
         self.resident.clear()
         self.dev_store.clear()

@@ -10,8 +10,11 @@ allocator, so torch.cuda memory statistics count it.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +52,25 @@ class _TorchMemory:
         self._owned = bool(size)
 
     def __del__(self):
-        if self._owned:
-            torch.cuda.caching_allocator_delete(self.ptr)
+        if self._owned and not _shutting_down:
+            try:
+                torch.cuda.caching_allocator_delete(self.ptr)
+            except Exception:  # interpreter teardown: the allocator may already be gone
+                pass
+
+
+_shutting_down = False
+_live_decoders: "weakref.WeakSet[GroupDecoder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _release_before_exit() -> None:
+    """Drop every nvCOMP object while Python can still run the allocator callbacks."""
+    global _shutting_down
+    for d in list(_live_decoders):
+        d.close()
+    gc.collect()
+    _shutting_down = True
 
 
 def install_torch_allocator(nvcomp) -> None:
@@ -105,6 +125,17 @@ class GroupDecoder:
         self._codecs: dict[str, object] = {}
         self._configs: dict[tuple, object] = {}
         self._batches: dict[tuple, tuple] = {}
+        _live_decoders.add(self)
+
+    def close(self) -> None:
+        """Release nvCOMP codecs, configs and cached batches (after the stream is idle)."""
+        try:
+            self.stream.synchronize()
+        except Exception:
+            pass
+        self._batches.clear()
+        self._configs.clear()
+        self._codecs.clear()
 
     def codec(self, name: str):
         """The nvCOMP Codec for `name` ("zstd", "ans", ...), bound to our stream."""
