@@ -87,6 +87,8 @@ def main(argv=None) -> int:
         print("bench_kernels: TRITON_INTERPRET is set; unset it to time compiled kernels", file=sys.stderr)
         return 2
     dev = torch.device(args.device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(dev)
     dtype = getattr(torch, args.dtype)
     props = torch.cuda.get_device_properties(dev)

@@ -4,13 +4,15 @@ One `decode()` = ONE batched nvCOMP call over every int8 chunk of a group: the g
 bytes sit in a device buffer (one host->GPU copy of one contiguous byte range), the chunks are
 carved out of it by an offset table (`nvcomp.as_arrays(buffer, offsets, sizes)`), and decode
 into a preallocated slot through a second offset table, with a DecompressConfig built once per
-group and reused, on a CUDA stream of ours. nvCOMP's scratch memory comes from PyTorch's caching
-allocator, so torch.cuda memory statistics count it.
+group and reused, on a CUDA stream of ours. With CODECLLM_NVCOMP_TORCH_ALLOCATOR=1, nvCOMP's
+scratch memory comes from PyTorch's caching allocator, so torch.cuda memory statistics count it
+(the benchmark sets it); it is off by default because nvCOMP 6 then crashes at interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import gc
 import importlib
 import threading
@@ -119,7 +121,8 @@ class GroupDecoder:
 
     def __init__(self, device: torch.device, stream: torch.cuda.Stream):
         self.nvcomp = import_nvcomp()
-        install_torch_allocator(self.nvcomp)
+        if os.environ.get("CODECLLM_NVCOMP_TORCH_ALLOCATOR") == "1":
+            install_torch_allocator(self.nvcomp)
         self.device = device
         self.stream = stream
         self._codecs: dict[str, object] = {}
