@@ -58,8 +58,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
     p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
     p.add_argument("--level", type=int, default=None,
-                   help="zstd level of all data, -7..22 (default: 1 for int8 values, 3 for raw tensors; "
-                   "scales and tensors under 1 MiB get at least 6, embedded files 19)")
+                   help="zstd level of all data, -7..22 (default: 1 for int8 values, 3 for raw tensors, "
+                   "6 for scales and tensors under 1 MiB, 19 for embedded files)")
     p.add_argument("--chunk-size", type=_size, default=C.DEFAULT_CHUNK_SIZE, help="raw bytes per chunk (default 64K; 4K..16M)")
     p.add_argument("--threads", type=int, default=None, help="compression threads (default: all cores)")
     p.add_argument("--keep-regex", help="tensors whose names match this regular expression stay raw (e.g. 'lm_head|embed')")

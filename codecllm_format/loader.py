@@ -12,7 +12,10 @@ is ever made), then:
 - non-persistent buffers (rotary inv_freq, position_ids) are re-created the way
   transformers' from_pretrained does it: by the model's own _init_weights;
 - forward hooks around every module named like a layer group of the file call the provider's
-  begin_group / end_group (prefetch and free points of the GPU runtime).
+  begin_group / end_group (prefetch and free points of the GPU runtime); a group whose
+  module encloses other groups ('model': embeddings + final norm) or has no forward of its own
+  (a ModuleList), or that has no module at all, is bracketed around each of its compressed
+  modules instead, so begin/end calls never nest.
 
 Nothing is left on the meta device: the loader checks, and raises LoadError otherwise.
 """

@@ -399,3 +399,18 @@ def test_base_model_checkpoint_into_a_model_with_a_head(tmp_path):
         want = hidden @ base.embed_tokens.weight.T
     # the reference holds the original float weights: int8 error only
     assert rel_diff(logits, want) <= 0.02
+
+
+def test_buffer_the_model_cannot_recreate_is_a_load_error(llama):
+    """A non-persistent buffer that neither the file nor the model's _init_weights provides is
+    refused, never left empty."""
+    from transformers import LlamaForCausalLM
+
+    class WithOddBuffer(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.register_buffer("odd", torch.arange(5.0), persistent=False)
+
+    path, *_ = llama
+    with pytest.raises(LoadError, match="cannot re-create odd"):
+        codecllm_format.load(path, auto_class=WithOddBuffer)
