@@ -3,11 +3,13 @@ its decoded bytes go in a slot. Built from the index alone (no torch-CUDA), test
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import constants as C
+from ..checksums import xxh3_64
 from ..index import Index, align_up
 from .plan import GroupCost
 
@@ -40,6 +42,9 @@ class GroupLayout:
     checksums: np.ndarray
     decoded_bytes: int
     tensors: dict[str, TensorSlice]
+    shape_key: tuple = ()
+    """Equal for groups whose decoded chunks have the same sizes and places (e.g. all
+    transformer blocks): such groups can share one nvCOMP decompression config."""
 
     @property
     def cost(self) -> GroupCost:
@@ -84,4 +89,7 @@ def build_layouts(index: Index) -> dict[int, GroupLayout]:
             decoded_bytes=align_up(pos, SLOT_ALIGNMENT),
             tensors=slices,
         )
+        lay = layouts[gid]
+        key = (len(lay.out_sizes), lay.decoded_bytes, xxh3_64(lay.out_sizes.tobytes() + lay.out_offsets.tobytes()))
+        layouts[gid] = dataclasses.replace(lay, shape_key=key)
     return layouts

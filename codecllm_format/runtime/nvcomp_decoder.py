@@ -172,11 +172,14 @@ class GroupDecoder:
         events; nothing here synchronizes the host after the first call per group."""
         srcs, outs, _, _ = self._batch(enc, layout, src, out)
         codec = self.codec(enc.codec)
-        cfg = self._configs.get((enc.gid, enc.codec))
+        key = (enc.codec, layout.shape_key)
+        cfg = self._configs.get(key)
         if cfg is None:
-            # Parses the chunk headers once (this one synchronizes); reused afterwards.
+            # Parses the chunk headers once (this one synchronizes). A config holds device
+            # scratch, and serves every group of the same decoded shape (all transformer
+            # blocks share one), so there are a handful, not one per layer.
             cfg = codec.decompression_config(srcs)
-            self._configs[(enc.gid, enc.codec)] = cfg
+            self._configs[key] = cfg
         codec.decode(srcs, out=outs, decompression_config=cfg)
 
     def encode_packed(self, codec_name: str, layout: GroupLayout, decoded: torch.Tensor) -> tuple[torch.Tensor, EncodedGroup]:
