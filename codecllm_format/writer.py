@@ -45,7 +45,7 @@ INT8_LEVEL = 1
 level 1 gives the same size as level 3 (+0.003%), 1.3x faster (benchmarks/RESULTS.md)."""
 SMALL_STREAM_BYTES = 1024 * 1024
 SMALL_STREAM_LEVEL = 6
-"""Raw tensors and scales of at most SMALL_STREAM_BYTES are compressed at least at this level:
+"""Raw tensors and scales of at most SMALL_STREAM_BYTES are compressed at this level:
 2-20% smaller than level 3 (float32 scales), and they are ~0.1% of the input. Higher levels
 gain a few % more at 3-10x the time (benchmarks/RESULTS.md)."""
 FILE_LEVEL = 19
@@ -94,8 +94,9 @@ class CllmWriter:
     Args:
         path: target path; written only at `finish()`, by atomic rename.
         chunk_size: raw bytes per chunk (default 64 KiB).
-        level: zstd level of all streams; None: DEFAULT_LEVEL for raw tensors, INT8_LEVEL
-            for int8 values (small streams and files always get at least SMALL_STREAM_LEVEL).
+        level: zstd level of every stream; None (default): DEFAULT_LEVEL for raw tensors,
+            INT8_LEVEL for int8 values, SMALL_STREAM_LEVEL for scales and small tensors,
+            FILE_LEVEL for embedded files.
         threads: compression threads (zstandard releases the GIL).
         metadata: free string key/values stored in the index.
     """
@@ -116,8 +117,8 @@ class CllmWriter:
         self.threads = max(1, int(threads))
         self.codec = get_codec(C.Codec.ZSTD, level=DEFAULT_LEVEL if level is None else level)
         self.int8_codec = get_codec(C.Codec.ZSTD, level=INT8_LEVEL if level is None else level)
-        self.small_codec = get_codec(C.Codec.ZSTD, level=max(self.codec.level, SMALL_STREAM_LEVEL))
-        self.file_codec = get_codec(C.Codec.ZSTD, level=max(self.codec.level, FILE_LEVEL))
+        self.small_codec = get_codec(C.Codec.ZSTD, level=SMALL_STREAM_LEVEL if level is None else level)
+        self.file_codec = get_codec(C.Codec.ZSTD, level=FILE_LEVEL if level is None else level)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         if len(self.metadata) > C.MAX_METADATA_ENTRIES or any(
             not k or len(k) > C.MAX_NAME_LENGTH or len(v.encode()) > C.MAX_METADATA_VALUE_LENGTH
@@ -356,7 +357,7 @@ class CllmWriter:
                 self.begin_group(FILES_GROUP, _files=True)
                 for name, data in self._pending_files:
                     # one frame per file (up to MAX_CHUNK_SIZE): files are never decoded by chunk
-                    one_frame = min(C.MAX_CHUNK_SIZE, max(C.MIN_CHUNK_SIZE, len(data)))
+                    one_frame = self.chunk_size if len(data) <= self.chunk_size else min(C.MAX_CHUNK_SIZE, len(data))
                     codec = self.file_codec if len(data) <= C.MAX_CHUNK_SIZE else self.codec
                     stream = self._write_stream(memoryview(data), None, 1.0, chunk_size=one_frame, codec=codec)
                     self._files.append(EmbeddedFile(name=name, group=len(self._groups) - 1, stream=stream))
