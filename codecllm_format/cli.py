@@ -14,14 +14,14 @@ from . import constants as C
 from .errors import CllmError
 
 
-def _run(prog: str, body: Callable[[], int]) -> int:
+def _run(prog: str, body: Callable[[], int], interrupted: str = "interrupted") -> int:
     try:
         return body()
     except CllmError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
@@ -100,7 +100,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             print(report.summary(), file=sys.stderr)
         return 0
 
-    return _run("cllm-convert", body)
+    return _run("cllm-convert", body, "interrupted; nothing was written")
 
 
 # --- cllm-info -------------------------------------------------------------------------------
@@ -206,15 +206,26 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the model's)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample (with the model's generation settings) instead of greedy")
+    gpu = p.add_argument_group("GPU options (with --device cuda)")
+    gpu.add_argument("--residency", choices=("gpu", "gpu-compressed", "host", "disk", "auto"), default=None,
+                     help="where the int8 weights live: gpu (decoded once, fastest), gpu-compressed (compressed in "
+                     "VRAM, decoded per forward), host (compressed in pinned RAM, streamed: least VRAM; the default), "
+                     "disk (read from the file each forward), auto (fastest mix that fits --max-vram)")
+    gpu.add_argument("--max-vram", default=None, help="VRAM budget for weights + KV cache, e.g. 6GiB (with --residency auto)")
+    gpu.add_argument("--codec", choices=("auto", "zstd", "ans"), default=None,
+                     help="in-memory codec of the host/gpu-compressed tiers (default auto = nvCOMP ANS)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
+    runtime = {k: v for k, v in (("residency", args.residency), ("max_vram", args.max_vram), ("codec", args.codec)) if v is not None}
+    if runtime and not args.device.startswith("cuda"):
+        p.error("--residency, --max-vram and --codec need --device cuda")
 
     def body() -> int:
         from .loader import load
 
         try:
-            model = load(args.file, device=args.device, dtype=args.dtype)
+            model = load(args.file, device=args.device, dtype=args.dtype, **runtime)
         except ValueError as e:  # a bad --dtype
             raise CllmError(str(e)) from None
         with model:

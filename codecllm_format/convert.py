@@ -23,6 +23,7 @@ from . import constants as C
 from .checksums import xxh3_64
 from .errors import CllmError, ConversionError
 from .quant import NonFiniteError, quantize_int8_rows
+from .stats import human
 from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
 
 EMBEDDED_FILES = (
@@ -51,7 +52,7 @@ SUPERSEDED_BY_TOKENIZER_JSON = ("vocab.txt", "vocab.json", "merges.txt")
 present (transformers' tokenizers backend reads tokenizer.json alone). For all-MiniLM-L6-v2,
 vocab.txt would add 0.22% of the bf16 size (benchmarks/RESULTS.md)."""
 
-BLOCK_RE = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
+BLOCK_RE = re.compile(r"^((?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)\.")
 """A tensor whose name matches belongs to the layer group named by the first group; any other
 tensor to the group of its top-level module ('embeddings', 'lm_head'): each group pads to
 4096 bytes, which costs 0.1% of a small model when every small tensor has its own."""
@@ -284,7 +285,7 @@ class ConversionReport:
         return (
             f"wrote {self.output} — {self.tensors} tensors ({self.int8_tensors} int8"
             f"{', ' + str(len(self.aliases)) + ' tied' if self.aliases else ''}), {len(self.files)} embedded files\n"
-            f"input {self.input_bytes / 1e6:.1f} MB -> output {self.output_bytes / 1e6:.1f} MB: "
+            f"input {human(self.input_bytes)} ({self.input_bytes} B) -> output {human(self.output_bytes)} ({self.output_bytes} B): "
             f"{self.ratio:.3f} of input, {self.ratio_bf16:.3f} of bf16; {self.seconds:.1f} s, {mbps:.0f} MB/s"
         )
 

@@ -52,6 +52,7 @@ def get_codec(codec: Codec | str, **settings) -> ChunkCodec:
                 return cls(**settings)
         raise CodecUnavailable(f"unknown codec {codec!r}; known: {sorted(c.name for c in _REGISTRY.values())}")
     try:
-        return _REGISTRY[Codec(codec)](**settings)
+        cls = _REGISTRY[Codec(codec)]
     except (KeyError, ValueError):
         raise CodecUnavailable(f"no CPU implementation of codec {codec!r}") from None
+    return cls(**settings)

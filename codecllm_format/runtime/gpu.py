@@ -71,7 +71,8 @@ class GpuProvider:
     Args:
         f: the open file (kept open; its mmap serves the disk tier and raw reads).
         device: a CUDA device.
-        residency: "gpu", "gpu-compressed", "host", "disk" or "auto" (with max_vram).
+        residency: "gpu", "gpu-compressed", "host", "disk" or "auto" (with max_vram). Default:
+            "auto" when max_vram is given, else "host" (the least VRAM).
         max_vram: budget for weights + reserve, bytes or "6GiB".
         slots: streaming buffers (2 = prefetch one group ahead).
         verify: check chunk checksums before any chunk reaches the GPU (default True).
@@ -87,7 +88,7 @@ class GpuProvider:
         self,
         f: CllmFile,
         device: torch.device | str = "cuda",
-        residency: str = "host",
+        residency: str | None = None,
         max_vram: int | str | None = None,
         slots: int = 2,
         verify: bool = True,
@@ -116,6 +117,8 @@ class GpuProvider:
 
             cpu_fallback = CpuProvider(f)
         self.cpu_fallback = cpu_fallback
+        if residency is None:
+            residency = "auto" if max_vram is not None else "host"
         self.layouts = build_layouts(f.index)
         self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
         self.plan: ResidencyPlan = plan_residency(
