@@ -121,6 +121,60 @@ def decode_only_peak(provider) -> float:
     return (torch.cuda.max_memory_allocated() - base) / GiB
 
 
+def pinned_h2d_gbps(nbytes: int = 256 * 1024 * 1024) -> float:
+    """Measured pinned host->GPU bandwidth (GB/s), median of 10 copies."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dev.copy_(host, non_blocking=True)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times = sorted(times[2:])
+    return nbytes / (times[len(times) // 2] / 1000) / 1e9
+
+
+def stream_profile(provider) -> dict:
+    """Per-layer timeline pieces of a streaming tier, for the largest transformer-block group:
+    H2D copy time and GPU decode time (each alone, median of 10, CUDA events), with GB/s."""
+    gids = [g for g, t in provider.plan.tiers.items() if t != "gpu" and ".layers." in provider.layouts[g].name]
+    if not gids or not provider.slots:
+        return {}
+    g = max(gids, key=lambda x: provider.layouts[x].decoded_bytes)
+    lay, enc, slot = provider.layouts[g], provider.encoded[g], provider.slots[0]
+    tier = provider.plan.tiers[g]
+    src = provider.dev_store[g] if tier == "gpu-compressed" else slot.staging[: enc.length]
+    out = {"group": lay.name, "codec": enc.codec, "compressed_bytes": enc.length, "decoded_bytes": lay.decoded_bytes}
+
+    def timed(fn, stream):
+        ts = []
+        for _ in range(12):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(stream)
+            fn()
+            e.record(stream)
+            e.synchronize()
+            ts.append(s.elapsed_time(e))
+        ts = sorted(ts[2:])
+        return ts[len(ts) // 2]
+
+    torch.cuda.synchronize()
+    if tier == "host":
+        host = provider.host_store[g]
+        with torch.cuda.stream(provider.copy_stream):
+            ms = timed(lambda: src.copy_(host, non_blocking=True), provider.copy_stream)
+        out["copy_ms"] = ms
+        out["copy_gbps"] = enc.length / (ms / 1000) / 1e9
+    ms = timed(lambda: provider.decoder.decode(enc, lay, src, slot.out), provider.decode_stream)
+    out["decode_ms"] = ms
+    out["decode_gbps_of_output"] = lay.decoded_bytes / (ms / 1000) / 1e9
+    torch.cuda.synchronize()
+    return out
+
+
 def hf_generate(model):
     def run(prompt, n):
         with torch.no_grad():
@@ -156,6 +210,8 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cllm-bench-"))
     path = work / f"{args.shape}.cllm"
 
+    results["pinned_h2d_gbps"] = pinned_h2d_gbps()
+    print(f"pinned host->GPU: {results['pinned_h2d_gbps']:.1f} GB/s", flush=True)
     model = build_reference(args.shape, dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     results["bf16_weight_gib"] = weight_bytes / GiB
@@ -195,12 +251,23 @@ def main(argv=None) -> int:
         r["resident_after_load_gib"] = (loaded - base) / GiB
         r["decode_only_peak_gib"] = decode_only_peak(m.provider) + (torch.cuda.memory_allocated() - base) / GiB
         r["plan_weight_vram_gib"] = m.provider.plan.weight_vram / GiB
+        r["stream_profile"] = stream_profile(m.provider)
+        streamed = sum(m.provider.encoded[g].length for g, t in m.provider.plan.tiers.items() if t in ("host", "disk"))
+        if streamed:
+            r["streamed_bytes_per_token"] = streamed
+            r["pcie_bound_tok_s"] = results["pinned_h2d_gbps"] * 1e9 / streamed
+            r["of_pcie_bound"] = r["tok_s"] / r["pcie_bound_tok_s"]
         first_tier_tokens = first_tier_tokens or r["tokens"]
         r["same_tokens_as_first_tier"] = r["tokens"] == first_tier_tokens
         results["variants"][f"cllm-{tier}"] = r
         print(f"cllm {tier}: {r['tok_s']:.2f} tok/s, peak {r['peak_vram_gib']:.3f} GiB (after load "
               f"{r['resident_after_load_gib']:.3f}, decode-only {r['decode_only_peak_gib']:.3f}, plan "
               f"{r['plan_weight_vram_gib']:.3f}), load {load_s:.1f} s", flush=True)
+        if "pcie_bound_tok_s" in r:
+            print(f"   PCIe bound {r['pcie_bound_tok_s']:.2f} tok/s ({r['streamed_bytes_per_token'] / 1e9:.2f} GB/token): "
+                  f"{100 * r['of_pcie_bound']:.0f}% of it", flush=True)
+        if r["stream_profile"]:
+            print(f"   per layer group: {r['stream_profile']}", flush=True)
         m.close()
         del m
         free()
