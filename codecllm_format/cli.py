@@ -1,5 +1,6 @@
-"""Console scripts: cllm-convert, cllm-info, cllm-verify. Thin wrappers: every CllmError is
-printed as one line 'cllm-X: error: ...' and exits non-zero, never a traceback."""
+"""Console scripts: cllm-convert, cllm-info, cllm-verify, cllm-generate, cllm-push. Thin
+wrappers: every CllmError is printed as one line 'cllm-X: error: ...' and exits non-zero, never
+a traceback."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json) or a Hugging Face model folder")
+    p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json), a Hugging Face model folder, "
+                   "or a repo id (org/name) already in the local Hugging Face cache (no network)")
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
     p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
     p.add_argument("--level", type=int, default=None,
@@ -241,6 +243,41 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             return 1
 
     return _run("cllm-generate", guarded)
+
+
+# --- cllm-push -------------------------------------------------------------------------------
+
+
+def push_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cllm-push",
+        description="Publish a .cllm file on the Hugging Face Hub: create the repo when needed, then commit the "
+        ".cllm (streamed from disk, stored as a large file) and a generated model card (README.md, replacing the "
+        "repo's) with the compression summary and a usage snippet. Others then run codecllm_format.load(\"org/name\").",
+        epilog="examples:\n  cllm-push smollm2.cllm my-org/SmolLM2-135M-Instruct-cllm\n"
+        "  cllm-push model.cllm me/model-cllm --private --revision int8\n"
+        "  cllm-push model.cllm me/model-cllm --dry-run out/   # writes what would be uploaded, uploads nothing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", help="the .cllm file to publish")
+    p.add_argument("repo_id", metavar="org/name", help="the model repo (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", metavar="BRANCH", default=None, help="commit to this branch (created from main when missing)")
+    p.add_argument("--commit-message", metavar="M", default=None, help="the commit message")
+    p.add_argument("--dry-run", metavar="DIR", default=None,
+                   help="write the folder that would be uploaded (.cllm hard link + README.md) to DIR; upload nothing")
+    p.add_argument("--token", metavar="T", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum pass over the whole file before uploading")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from .hub import push
+
+        push(args.file, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+             token=args.token, dry_run=args.dry_run, verify=not args.no_verify)
+        return 0
+
+    return _run("cllm-push", body, "interrupted; the Hub keeps only complete commits")
 
 
 if __name__ == "__main__":  # pragma: no cover

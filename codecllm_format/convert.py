@@ -22,6 +22,8 @@ from . import __version__
 from . import constants as C
 from .checksums import xxh3_64
 from .errors import CllmError, ConversionError
+from .hub import checkpoint_source, source_card_metadata
+from .hub import default_output as hub_default_output
 from .quant import NonFiniteError, quantize_int8_rows
 from .stats import human
 from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
@@ -182,12 +184,14 @@ def read_tensor(st: SourceTensor, fh) -> torch.Tensor:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Find and read the headers of a checkpoint's safetensors files.
+    """Find and read the headers of a checkpoint's safetensors files. A Hugging Face repo id
+    ("org/name", not an existing local path) is read from the local HF cache, never the network.
 
     Raises:
-        ConversionError: missing input, not safetensors, unreadable header, duplicate tensors.
+        ConversionError: missing input, not safetensors, unreadable header, duplicate tensors,
+            a repo id that is not in the local Hugging Face cache.
     """
-    path = Path(path)
+    path, repo_id = checkpoint_source(path)
     shards, aux = _shards_of(path)
     tensors: dict[str, SourceTensor] = {}
     shard_meta: dict[str, str] = {}
@@ -215,7 +219,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise ConversionError(f"tensor {t.name!r}: dtype {t.dtype} is not supported by .cllm v1")
     ties = {k: v for k, v in shard_meta.items()
             if isinstance(v, str) and v in tensors and k not in tensors and "." in k and not k.startswith("__")}
-    return Checkpoint(tensors=tensors, aux_dir=aux, label=path.name, shards=shards, ties=ties)
+    return Checkpoint(tensors=tensors, aux_dir=aux, label=repo_id or path.name, shards=shards, ties=ties)
 
 
 def choose_encoding(t: SourceTensor, quantize: str, keep: re.Pattern | None) -> C.Encoding:
@@ -228,6 +232,9 @@ def choose_encoding(t: SourceTensor, quantize: str, keep: re.Pattern | None) -> 
 
 
 def default_output(path: Path) -> Path:
+    from_hub = hub_default_output(path)  # org/name -> ./name.cllm
+    if from_hub is not None:
+        return from_hub
     path = Path(path)
     if path.is_dir():
         return path.parent / (path.resolve().name + ".cllm")
@@ -332,7 +339,7 @@ def convert(
             raise ConversionError(f"--keep-regex {keep_regex!r} is not a valid regular expression ({e})") from None
     t0 = time.perf_counter()
     ckpt = open_checkpoint(input_path)
-    out = Path(output_path) if output_path is not None else default_output(Path(input_path))
+    out = Path(output_path) if output_path is not None else default_output(input_path)
     if out.is_dir():
         raise ConversionError(f"{out}: output is a folder")
     if out.exists() and not overwrite:
@@ -368,6 +375,7 @@ def convert(
                 meta["model_type"] = str(cfg["model_type"])
         except (ValueError, AttributeError, TypeError):
             raise ConversionError(f"{ckpt.aux_dir / 'config.json'}: not valid JSON") from None
+    meta.update(source_card_metadata(ckpt.aux_dir))  # the source model card's license
     meta.update(metadata or {})
 
     groups: dict[str, list[SourceTensor]] = {}

@@ -36,6 +36,7 @@ from torch import nn
 
 from . import constants as C
 from .errors import DeviceError, LoadError
+from .hub import resolve as resolve_path
 from .reader import CllmFile, open_cllm
 from .runtime.modules import CompressedEmbedding, CompressedLinear
 from .runtime.provider import CpuProvider, WeightProvider
@@ -751,12 +752,19 @@ def load(
     task: str | None = None,
     auto_class=None,
     tokenizer: bool = True,
+    filename: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
     **runtime_options: Any,
 ) -> CllmModel:
     """Load a .cllm file as a runnable model whose int8 weights stay compressed.
 
     Args:
-        path: the .cllm file.
+        path: the .cllm file, a folder holding one, or a Hugging Face repo id ("org/name",
+            "hf://org/name[@rev]/file.cllm"; an existing local path of that name wins): only the
+            .cllm is downloaded, into the HF cache (HF_HUB_OFFLINE honoured). See codecllm_format.hub.
+        filename, revision, token: the file in the repo (default: its single .cllm), the
+            branch / tag / commit, and the Hub token.
         device: "cpu" (CpuProvider) or "cuda[:N]" (runtime.gpu.GpuProvider).
         dtype: compute dtype; None: the config's dtype (float32 if none; float16 -> float32 on CPU).
         task: build the Auto class of this task (see TASKS) instead of config.architectures.
@@ -770,11 +778,13 @@ def load(
     Raises:
         DeviceError: the device does not exist or cannot be used.
         FormatError (and subclasses): the file is not a sound .cllm file.
+        HubError: the repo, revision or file cannot be found (or the Hub reached, with nothing cached).
         LoadError: no embedded config, an architecture transformers cannot build, tensors that do
             not match the model's parameters.
     """
     dev, provider_cls = resolve_device(device)
     dtype = _parse_dtype(dtype)
+    path = resolve_path(path, filename=filename, revision=revision, token=token)
     cllm = open_cllm(path)
     provider = None
     try:
