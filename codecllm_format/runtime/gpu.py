@@ -130,6 +130,8 @@ class GpuProvider:
             self.decoder = GroupDecoder(self.device, self.decode_stream)
             self._load()
         self._next: dict[int, int] = {}
+        self._resident_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # linear_weight's views, by asked name
+        self._slot_views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by (name, slot index)
         self._last_gid: int | None = None
         self._active: dict[int, _Slot] = {}
         self._transient: list[int] = []
@@ -335,23 +337,34 @@ class GpuProvider:
             slot.free_event.record(torch.cuda.current_stream(self.device))
 
     def linear_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self._resident_views.get(name)
+        if hit is not None:  # gpu tier: the same two views every call
+            return hit
+        asked = name
         name = self.file.index.aliases.get(name, name)
         gid = self._tensor_group[name]
         lay = self.layouts[gid]
         sl = lay.tensors[name]
         if self.plan.tiers[gid] == "gpu":
             buf = self.resident[gid]
+            views = self._resident_views[asked] = self._views(buf, sl)
+            return views
+        if gid != self._current:
+            # A layer outside any hooked block (e.g. lm_head): decode on demand, free lazily.
+            self._release_transients()
+            self._note_order(gid)
+            slot = self._acquire(gid)
+            self._transient.append(gid)
+            self._prefetch_after(gid)
         else:
-            if gid != self._current:
-                # A layer outside any hooked block (e.g. lm_head): decode on demand, free lazily.
-                self._release_transients()
-                self._note_order(gid)
-                slot = self._acquire(gid)
-                self._transient.append(gid)
-                self._prefetch_after(gid)
-            else:
-                slot = self._active[gid]
-            buf = slot.out
+            slot = self._active[gid]
+        views = self._slot_views.get((name, slot.index))
+        if views is None:  # a slot's buffer lives as long as the provider: its views too
+            views = self._slot_views[(name, slot.index)] = self._views(slot.out, sl)
+        return views
+
+    @staticmethod
+    def _views(buf: torch.Tensor, sl) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = sl.shape
         q = buf[sl.q_offset : sl.q_offset + rows * cols].view(torch.int8).view(rows, cols)
         s = buf[sl.scale_offset : sl.scale_offset + rows * 4].view(torch.float32)
@@ -371,6 +384,8 @@ class GpuProvider:
         torch.cuda.synchronize(self.device)
         self.decoder.close()
         self.slots.clear()
+        self._resident_views.clear()
+        self._slot_views.clear()
         self.resident.clear()
         self.dev_store.clear()
         self.host_store.clear()

@@ -17,6 +17,27 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
     return w.to(dtype)
 
 
+class LinearPlan:
+    """What a module keeps for its int8_linear calls: the fused kernels' dispatch cache
+    (triton_kernels.LinearPlan), created on the first CUDA call. Importing or creating it loads
+    no Triton; copies and pickles start empty."""
+
+    __slots__ = ("fused",)
+
+    def __init__(self):
+        self.fused = None
+
+    def __deepcopy__(self, memo):
+        return LinearPlan()
+
+    def __reduce__(self):
+        return (LinearPlan, ())
+
+
+def _no_fused(x, q, scales, bias):
+    return None
+
+
 def int8_linear(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -24,17 +45,28 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     *,
     layout: str = "linear",
+    plan: LinearPlan | None = None,
 ) -> torch.Tensor:
     """y = x @ W^T + bias with W from int8 rows: the fused Triton kernel (runtime/triton_kernels.py,
     the dequantized weight never exists) when x is a bfloat16/float16 CUDA tensor, layout is
     "linear", Triton imports and the shapes are supported; int8_linear_reference otherwise (always
     on the CPU). CODECLLM_TRITON=0 forces the reference. Same arguments and result as
-    int8_linear_reference."""
-    if layout == "linear" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        tk = _triton_kernels()
-        y = tk.maybe_int8_linear(x, q, scales, bias) if tk is not None else None
-        if y is not None:
-            return y
+    int8_linear_reference; `plan` (one per calling module, optional) caches the dispatch decisions
+    across calls, which makes a decode call cost little more host time than F.linear."""
+    if layout == "linear" and x.is_cuda:
+        if plan is not None:
+            fused = plan.fused
+            if fused is None:
+                tk = _triton_kernels()
+                fused = plan.fused = tk.LinearPlan() if tk is not None else _no_fused
+            y = fused(x, q, scales, bias)
+            if y is not None:
+                return y
+        elif x.dtype in (torch.bfloat16, torch.float16):
+            tk = _triton_kernels()
+            y = tk.maybe_int8_linear(x, q, scales, bias) if tk is not None else None
+            if y is not None:
+                return y
     return int8_linear_reference(x, q, scales, bias, layout=layout)
 
 

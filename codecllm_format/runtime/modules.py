@@ -45,10 +45,11 @@ class CompressedLinear(nn.Module):
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias, requires_grad=False)
         self.bias = bias
+        self._plan = kernels.LinearPlan()  # the kernels' dispatch cache for this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scales = self.provider.linear_weight(self.name)
-        return kernels.int8_linear(x, q, scales, self.bias, layout=self.layout)
+        return kernels.int8_linear(x, q, scales, self.bias, layout=self.layout, plan=self._plan)
 
     def extra_repr(self) -> str:
         return (
