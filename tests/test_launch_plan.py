@@ -455,6 +455,30 @@ def test_gpu_direct_launch_split_k_and_fp16():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_direct_launch_on_a_device_that_is_not_current():
+    """Modules on another GPU than the current one (device_map-style): built and launched under
+    x's device, as the normal path does."""
+    from codecllm_format.runtime import triton_kernels as tk
+
+    tk.reset_launch_cache()
+    torch.cuda.set_device(0)
+    plans = {}
+    with torch.no_grad():
+        for dev in ("cuda:1", "cuda:0", "cuda:1"):
+            _, q, s, b = _inputs((1,), 4096, 4096, torch.bfloat16, True, 7, dev)
+            plan = plans.setdefault(dev, tk.LinearPlan())
+            for seed in (1, 2):
+                x = _inputs((1,), 4096, 4096, torch.bfloat16, True, seed, dev)[0]
+                y = plan(x, q, s, b)
+                assert y.device == x.device and _same(y, tk.int8_linear_triton(x, q, s, b)), (dev, seed)
+            assert type(plan.entry(x)).__name__ == "_Fast", tk.direct_launch_status()
+    assert torch.cuda.current_device() == 0
+    assert tk.direct_launch_status() == (True, None)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_int8_linear_with_plan_matches_without():
     from codecllm_format.runtime import triton_kernels as tk
 

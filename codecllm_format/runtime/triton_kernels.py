@@ -557,11 +557,11 @@ class _LaunchRecord:
 # (the bitwise NOT of the first result), and compares the two bit for bit. On a mismatch, or any
 # error while building or launching, the direct launch is switched off for the process (one
 # logging.debug message) and every call takes the normal path. A call also takes the normal path
-# while a Triton launch hook is set (profilers), when the current CUDA device is not x's, and a new
-# key met during CUDA-graph capture is not built (no synchronization there). Under the interpreter
-# (TRITON_INTERPRET=1, CPU tests) the "direct launch" is the JIT function launched with the
-# recorded grid and constants (no autotuner, no grid callable): the same plan, key, argument and
-# verification logic, a different last step.
+# while a Triton launch hook is set (profilers), and a new key met during CUDA-graph capture is not
+# built (no synchronization there). Like the normal path, launches run with x's device current.
+# Under the interpreter (TRITON_INTERPRET=1, CPU tests) the "direct launch" is the JIT function
+# launched with the recorded grid and constants (no autotuner, no grid callable): the same plan,
+# key, argument and verification logic, a different last step.
 
 _TENSOR_ROLES = {"x_ptr": 0, "q_ptr": 1, "s_ptr": 2, "b_ptr": 3, "y_ptr": 4, "ws_ptr": 5}
 _MAX_ENTRIES = 64  # activation layouts cached per weight layout (new prefill lengths beyond: normal path)
@@ -719,15 +719,14 @@ class _Fast:
 
     def __call__(self, x, q, s, b):
         rt = _KNOBS_RT
-        if (
-            _DIRECT["on"]
-            and (self.dev < 0 or _current_device() == self.dev)
-            and _hook_idle(rt.launch_enter_hook)
-            and _hook_idle(rt.launch_exit_hook)
-        ):
+        if _DIRECT["on"] and _hook_idle(rt.launch_enter_hook) and _hook_idle(rt.launch_exit_hook):
             y = x.new_empty(self.out_shape)  # x's dtype and device (half the host time of torch.empty(device=))
             try:
-                self._launch(x, q, s, b, y)
+                if self.dev < 0 or _current_device() == self.dev:
+                    self._launch(x, q, s, b, y)
+                else:  # the module lives on another GPU than the current one (as _run does)
+                    with torch.cuda.device(self.dev):
+                        self._launch(x, q, s, b, y)
                 self.calls += 1
                 return y
             except Exception as e:
@@ -818,9 +817,18 @@ def _build(weights: _Weights, key, x, q, s, b):
     if not plain or not _DIRECT["on"]:
         weights.entries[key] = _NORMAL
         return _NORMAL(x, q, s, b)
-    if x.is_cuda and (x.get_device() != _current_device() or torch.cuda.is_current_stream_capturing()):
+    dev = x.get_device()
+    if dev >= 0 and dev != _current_device():  # as _run does: launch under x's device
+        with torch.cuda.device(dev):
+            return _build_fast(weights, key, x, q, s, b)
+    return _build_fast(weights, key, x, q, s, b)
+
+
+def _build_fast(weights: _Weights, key, x, q, s, b):
+    """_build's last step, with x's device current."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         STATS["normal_calls"] += 1
-        return _run(x, q, s, b, None, None, None)  # not stored: built on a later call
+        return _run(x, q, s, b, None, None, None)  # not stored (no synchronization in a capture)
     STATS["builds"] += 1
     records: list = []
     y = _run(x, q, s, b, None, None, None, records)
