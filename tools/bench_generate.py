@@ -162,6 +162,10 @@ def stream_profile(provider) -> dict:
         return ts[len(ts) // 2]
 
     torch.cuda.synchronize()
+    if tier == "disk":  # the staging buffer must hold this group's bytes: nvCOMP assumes valid input
+        view = provider.file.group_bytes(g)
+        src.copy_(torch.frombuffer(bytearray(view), dtype=torch.uint8))
+        view.release()
     if tier == "host":
         host = provider.host_store[g]
         with torch.cuda.stream(provider.copy_stream):

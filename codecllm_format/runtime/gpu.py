@@ -228,6 +228,12 @@ class GpuProvider:
             if any(t == "disk" for t in tiers.values()):
                 host_staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, pin_memory=True)
             self.slots.append(_Slot(k, out, staging, host_staging))
+        # Codecs used only at load (zstd for transcoding or the gpu tier) hold device scratch:
+        # release those no streamed group decodes at run time.
+        needed = {self.encoded[g].codec for g, t in tiers.items() if t != "gpu"}
+        for name in list(self.decoder._codecs):
+            if name not in needed:
+                self.decoder.release_codec(name)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
 

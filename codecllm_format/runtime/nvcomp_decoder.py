@@ -209,6 +209,14 @@ class GroupDecoder:
         del result, srcs, outs, strided
         return packed, EncodedGroup(layout.gid, codec_name, total, offsets, sizes)
 
+    def release_codec(self, name: str) -> None:
+        """Drop the nvCOMP Codec `name` with its decompression configs and cached batches
+        (their device scratch goes with them); it is re-created on next use."""
+        self.stream.synchronize()
+        self._batches = {k: v for k, v in self._batches.items() if k[1] != name}
+        self._configs = {k: v for k, v in self._configs.items() if k[0] != name}
+        self._codecs.pop(name, None)
+
     def forget(self, src: torch.Tensor | None = None) -> None:
         """Drop cached batches (all, or those over `src`)."""
         if src is None:
