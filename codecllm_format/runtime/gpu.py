@@ -45,6 +45,8 @@ class _Slot:
     """Recorded on the decode stream once the staging buffer has been consumed."""
     ready_event: torch.cuda.Event | None = None
     """Recorded on the decode stream when the slot holds the decoded group."""
+    last_used: int = -1
+    """Scheduling clock of the last group put in the slot (least recently used goes first)."""
 
 
 def verify_group(f: CllmFile, layout: GroupLayout, data: memoryview | bytes | None = None) -> None:
@@ -244,7 +246,7 @@ class GpuProvider:
         candidates = [s for s in self.slots if s.gid not in exclude]
         if not candidates:
             raise RuntimeError("all streaming slots are in use (too many groups active at once)")
-        return min(candidates, key=lambda s: getattr(s, "_used", -1))
+        return min(candidates, key=lambda s: s.last_used)
 
     def _schedule(self, gid: int, exclude: set[int]) -> _Slot:
         """Enqueue copy + decode of group `gid` into a free slot; returns the slot."""
@@ -254,7 +256,7 @@ class GpuProvider:
         if slot.gid is not None:
             self._active.pop(slot.gid, None)
         self._clock += 1
-        slot._used = self._clock
+        slot.last_used = self._clock
         slot.gid = gid
         enc = self.encoded[gid]
         if tier == "gpu-compressed":
