@@ -280,5 +280,46 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     return _run("cllm-push", body, "interrupted; the Hub keeps only complete commits")
 
 
+# --- cllm-export -----------------------------------------------------------------------------
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cllm-export",
+        description="Export a .cllm file back to a Hugging Face model folder: the embedded config and tokenizer "
+        "files as stored, plus safetensors weights (raw tensors bit-exact, int8 tensors dequantized), or an "
+        "int8 per-channel compressed-tensors checkpoint. OUT appears only when complete.",
+        epilog="examples:\n  cllm-export model.cllm ./model-hf\n  cllm-export model.cllm ./model-bf16 --dtype bfloat16 --max-shard-size 2GB\n"
+        "  cllm-export model.cllm ./model-w8 --format compressed-tensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", help="the .cllm file")
+    p.add_argument("out", help="the folder to create")
+    p.add_argument("--format", choices=("safetensors", "compressed-tensors"), default="safetensors",
+                   help="safetensors: dequantized weights (default); compressed-tensors: int8 Linear weights + per-channel scales")
+    p.add_argument("--dtype", default=None, help="dtype of dequantized int8 tensors: float32, bfloat16, float16 (default: each tensor's original)")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", help="largest shard (default 5GB; e.g. 2GB, 500M)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        import warnings
+
+        from .export import ExportWarning, export
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExportWarning)
+            report = export(args.file, args.out, format=args.format, dtype=args.dtype,
+                            max_shard_size=args.max_shard_size, overwrite=args.force)
+        for w in report.warnings:
+            print(f"cllm-export: warning: {w}", file=sys.stderr)
+        if not args.quiet:
+            print(report.summary(), file=sys.stderr)
+        return 0
+
+    return _run("cllm-export", body, "interrupted; nothing was written")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(convert_main())
