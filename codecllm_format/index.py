@@ -292,6 +292,14 @@ def _decode_tensor(obj: Any, i: int, num_groups: int) -> TensorEntry:
     f.where = where
     shape = _decode_shape(obj["shape"], where)
     dtype = f.enum("dtype", C.DType)
+    # an empty tensor's other dimensions still make its strides: (0, 2**47, 2**47) has no
+    # bytes, yet no array library can create it (stride overflow)
+    # (a non-empty tensor's size is bounded by its stream length, checked below)
+    if 0 in shape and math.prod(max(d, 1) for d in shape) * C.DTYPE_SIZE[dtype] > 1 << 62:
+        raise IndexSchemaError(
+            f"{where}.shape: {list(shape)} of {dtype.name}: with zero dimensions counted as 1 it "
+            f"spans over 2^62 bytes (its strides would overflow)"
+        )
     encoding = f.enum("encoding", C.Encoding)
     if encoding == C.Encoding.INT8_ROW:
         if len(shape) != 2:

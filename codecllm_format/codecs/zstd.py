@@ -3,6 +3,7 @@ content size; no dictionary, no frame checksum (the chunk table checksums stored
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -57,7 +58,16 @@ class ZstdCodec(ChunkCodec):
         self._cctx = zstandard.ZstdCompressor(
             level=level, write_content_size=True, write_checksum=False, write_dict_id=False
         )
-        self._dctx = zstandard.ZstdDecompressor()
+        self._local = threading.local()  # a ZstdDecompressor must not be used by two threads at once
+
+    @property
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        """This thread's decompressor (a shared one corrupts data or crashes, e.g. two threads
+        in verify() of one open file)."""
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        return dctx
 
     def encode(self, chunks: Sequence[Buffer], threads: int = 1) -> list[Buffer]:
         if not chunks:
