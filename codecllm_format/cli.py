@@ -298,6 +298,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", choices=("safetensors", "compressed-tensors"), default="safetensors",
                    help="safetensors: dequantized weights (default); compressed-tensors: int8 Linear weights + per-channel scales")
     p.add_argument("--dtype", default=None, help="dtype of dequantized int8 tensors: float32, bfloat16, float16 (default: each tensor's original)")
+    p.add_argument("--ct-format", choices=("pack-quantized", "int-quantized"), default="pack-quantized",
+                   help="compressed-tensors layout: pack-quantized (int8 packed in int32, what vLLM serves as W8A16; "
+                   "default) or int-quantized (plain int8 weights)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="largest shard (default 5GB; e.g. 2GB, 500M)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary")
@@ -311,7 +314,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExportWarning)
             report = export(args.file, args.out, format=args.format, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, overwrite=args.force)
+                            max_shard_size=args.max_shard_size, overwrite=args.force, ct_format=args.ct_format)
         for w in report.warnings:
             print(f"cllm-export: warning: {w}", file=sys.stderr)
         if not args.quiet:

@@ -4,10 +4,14 @@ Two formats:
 - ``safetensors``: every embedded file as stored, plus model.safetensors (or shards and
   model.safetensors.index.json). Raw tensors are written bit-exact; int8_row tensors are
   dequantized (float32(q) * scale, then cast to their logical dtype or `dtype`).
-- ``compressed-tensors``: an int8 per-channel checkpoint (compressed-tensors format
-  "int-quantized", weight-only): each quantized Linear keeps its int8 values as NAME.weight and
-  gets NAME.weight_scale (float32, shape [out, 1]); embeddings, lm_head and raw tensors are
-  written dequantized / as stored, and config.json gains a ``quantization_config``.
+- ``compressed-tensors``: an int8 per-output-channel, weight-only (W8A16) checkpoint. Each
+  quantized Linear gets NAME.weight_scale (float32, shape [out, 1]) and its int8 values, either
+  packed 4 per int32 (q + 128, little end first) as NAME.weight_packed with NAME.weight_shape
+  (``ct_format="pack-quantized"``, the default: vLLM serves weight-only int8 through this format
+  only, with CompressedTensorsWNA16), or as int8 NAME.weight (``"int-quantized"``: the
+  compressed-tensors library reads it, but vLLM routes int-quantized to its W8A8 schemes, which
+  need input_activations). Embeddings, lm_head and raw tensors are written dequantized / as
+  stored, and config.json gains a ``quantization_config``.
 
 Tied weights: a name that the file aliases to another is written as its own copy, except
 lm_head.weight when config.tie_word_embeddings is true, which is left out (transformers
@@ -114,10 +118,22 @@ def _is_quantized_linear(f: CllmFile, name: str) -> bool:
     return not any(h in low for h in EMBEDDING_HINTS) and "lm_head" not in name.split(".")
 
 
-def _quantization_config(ignore: list[str]) -> dict:
+CT_FORMATS = ("pack-quantized", "int-quantized")
+
+
+def pack_int8_to_int32(q: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' 8-bit packing: u = q + 128, four per int32 along a row, the first in
+    the lowest byte. Needs a column count divisible by 4."""
+    rows, cols = q.shape
+    u = (q.to(torch.int64) + 128).reshape(rows, cols // 4, 4)
+    packed = (u << torch.tensor([0, 8, 16, 24])).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def _quantization_config(ignore: list[str], ct_format: str) -> dict:
     return {
         "quant_method": "compressed-tensors",
-        "format": "int-quantized",
+        "format": ct_format,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
@@ -129,7 +145,7 @@ def _quantization_config(ignore: list[str]) -> dict:
                 },
                 "input_activations": None,
                 "output_activations": None,
-                "format": "int-quantized",
+                "format": ct_format,
             }
         },
         "ignore": ignore,
@@ -147,6 +163,7 @@ def export(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    ct_format: str = "pack-quantized",
 ) -> ExportReport:
     """Write a Hugging Face folder from a .cllm file.
 
@@ -158,6 +175,7 @@ def export(
             tensors are always written exactly as stored.
         max_shard_size: shard the weights above this many bytes (int or "5GB", "10MB", ...).
         overwrite: replace an existing `out`.
+        ct_format: compressed-tensors layout, "pack-quantized" (vLLM) or "int-quantized".
 
     Returns:
         ExportReport.
@@ -172,6 +190,8 @@ def export(
 
     if format not in FORMATS:
         raise CllmError(f"unsupported export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if ct_format not in CT_FORMATS:
+        raise CllmError(f"unsupported compressed-tensors format {ct_format!r}: choose one of {', '.join(CT_FORMATS)}")
     target_dtype = parse_dtype(dtype)
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -202,6 +222,11 @@ def export(
                                 "its per-row int8 scales are per input channel, which compressed-tensors cannot express; "
                                 "use --format safetensors")
             quantized = {n for n in names if _is_quantized_linear(f, n)}
+            if ct_format == "pack-quantized":
+                odd = sorted(n for n in quantized if f.entry(n).shape[1] % 4)
+                if odd:
+                    raise CllmError(f"{odd[0]} has {f.entry(odd[0]).shape[1]} input features, not a multiple of 4: "
+                                    "pack-quantized needs that; use --ct-format int-quantized")
             if not quantized:
                 raise CllmError(f"{path} holds no int8 Linear weights to export as compressed-tensors "
                                 "(was it converted with --quantize none?); use --format safetensors")
@@ -209,7 +234,7 @@ def export(
                              if n.endswith(".weight") and n not in quantized and len(f.entry(n).shape) == 2
                              and not any(h in n.lower() for h in EMBEDDING_HINTS)})
             config = dict(config)
-            config["quantization_config"] = _quantization_config(ignore)
+            config["quantization_config"] = _quantization_config(ignore, ct_format)
             report.quantized = sorted(quantized)
 
         # sizes of what will be written, for sharding: (name, nbytes)
@@ -227,7 +252,7 @@ def export(
                 numel *= d
             sizes[n] = numel * out_dtype(n).itemsize
             if n in quantized:
-                sizes[n] += e.shape[0] * 4
+                sizes[n] += e.shape[0] * 4 + (16 if ct_format == "pack-quantized" else 0)
         # the factory only needs sizes: placeholders stand for tensors (it skips str values)
         split = split_state_dict_into_shards_factory(
             {n: (n,) for n in names}, get_storage_size=lambda n: sizes[n[0]], get_storage_id=lambda n: None,
@@ -246,9 +271,16 @@ def export(
                 for n in keys:
                     if n in quantized:
                         raw = f.get_raw(n)
-                        shard[n] = raw.data
-                        shard[n.removesuffix(".weight") + ".weight_scale"] = raw.scales.reshape(-1, 1).contiguous()
-                        weight_map[n] = weight_map[n.removesuffix(".weight") + ".weight_scale"] = fname
+                        mod = n.removesuffix(".weight")
+                        if ct_format == "pack-quantized":
+                            shard[mod + ".weight_packed"] = pack_int8_to_int32(raw.data)
+                            shard[mod + ".weight_shape"] = torch.tensor(raw.data.shape, dtype=torch.int64)
+                        else:
+                            shard[n] = raw.data
+                        shard[mod + ".weight_scale"] = raw.scales.reshape(-1, 1).contiguous()
+                        for k in shard:
+                            if k.startswith(mod + ".weight"):
+                                weight_map[k] = fname
                     else:
                         e = f.entry(n)
                         shard[n] = f.get_tensor(n, out_dtype(n) if e.encoding == C.Encoding.INT8_ROW else None)

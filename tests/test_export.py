@@ -141,16 +141,17 @@ def test_sharding_index_read_by_from_pretrained(llama, tmp_path):
         assert torch.equal(p, orig[k]), k
 
 
-def test_compressed_tensors_export_matches_library_decompression(llama, tmp_path):
+@pytest.mark.parametrize("ct_format", ["pack-quantized", "int-quantized"])
+def test_compressed_tensors_export_matches_library_decompression(llama, tmp_path, ct_format):
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     out = tmp_path / "out"
-    rep = export(llama / "int8.cllm", out, format="compressed-tensors")
+    rep = export(llama / "int8.cllm", out, format="compressed-tensors", ct_format=ct_format)
     cfg = json.loads((out / "config.json").read_text())
     qc = QuantizationConfig.model_validate(cfg["quantization_config"])  # the library's own schema
-    assert qc.quant_method == "compressed-tensors" and qc.format == "int-quantized"
+    assert qc.quant_method == "compressed-tensors" and qc.format == ct_format == scheme_format(qc)
     scheme = qc.config_groups["group_0"]
     assert scheme.targets == ["Linear"] and scheme.input_activations is None
     w = scheme.weights
@@ -159,19 +160,33 @@ def test_compressed_tensors_export_matches_library_decompression(llama, tmp_path
     compressor = BaseCompressor.load_from_registry(qc.format)
     got = folder_tensors(out)
     with codecllm_format.open(llama / "int8.cllm") as f:
-        assert sorted(rep.quantized) == sorted(k for k in got if k.endswith(".weight") and got[k].dtype == torch.int8)
-        assert rep.quantized and all("embed" not in n and "lm_head" not in n for n in rep.quantized)
+        scales = sorted(k.removesuffix("_scale") for k in got if k.endswith(".weight_scale"))
+        assert rep.quantized and sorted(rep.quantized) == scales
+        assert all("embed" not in n and "lm_head" not in n for n in rep.quantized)
         for name in rep.quantized:
             mod = name.removesuffix(".weight")
-            q, s = got[name], got[mod + ".weight_scale"]
-            assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (q.shape[0], 1)
-            dq = compressor.decompress({"weight": q, "weight_scale": s}, scheme)["weight"]
-            assert torch.equal(dq.to(torch.float32), f.get_tensor(name, torch.float32)), name
+            params = {k.removeprefix(mod + "."): t for k, t in got.items() if k.startswith(mod + ".weight")}
+            s = params["weight_scale"]
+            assert s.dtype == torch.float32 and s.shape == (f.entry(name).shape[0], 1)
+            if ct_format == "pack-quantized":
+                assert set(params) == {"weight_packed", "weight_scale", "weight_shape"}
+                assert params["weight_packed"].dtype == torch.int32
+                assert params["weight_shape"].tolist() == list(f.entry(name).shape)
+            else:
+                assert set(params) == {"weight", "weight_scale"} and params["weight"].dtype == torch.int8
+            dq = compressor.decompress(params, scheme)["weight"]
+            # the library computes float32(q) * float32 scale, like our reader: bit-exact
+            assert dq.dtype == torch.float32
+            assert torch.equal(dq, f.get_tensor(name, torch.float32)), name
         for k, t in got.items():
-            if k.endswith(".weight_scale") or k in rep.quantized:
+            if k.removesuffix("_scale").removesuffix("_packed").removesuffix("_shape") in rep.quantized:
                 continue
             assert torch.equal(t, f.get_tensor(k)), k  # embeddings, lm_head, norms: dequantized / exact
         assert "ct" and ct.__version__
+
+
+def scheme_format(qc) -> str:
+    return qc.config_groups["group_0"].format
 
 
 def test_errors(llama, tmp_path):
