@@ -87,3 +87,39 @@ def test_layout_maps_every_int8_chunk(tmp_path):
             assert torch.equal(buf[sl.scale_offset : sl.scale_offset + 4 * rows].view(torch.float32), raw.scales)
         assert "model.layers.0.norm.weight" not in lay.tensors
         assert np.all(np.diff(lay.out_offsets) > 0)
+
+
+def test_gpu_gate_refuses_bad_frames_before_the_gpu(tmp_path):
+    """verify_group (CPU side of the GPU runtime) checks checksums AND frame structure: a chunk
+    whose checksum was recomputed but whose frame declares another size never reaches nvCOMP."""
+    import zstandard
+    import xxhash
+
+    from codecllm_format.runtime.gpu import verify_group
+
+    path = tmp_path / "m.cllm"
+    g = torch.Generator().manual_seed(2)
+    with cf.CllmWriter(path, chunk_size=4096) as w:
+        w.begin_group("model.layers.0")
+        w.add_tensor("model.layers.0.a.weight", torch.randn(64, 256, generator=g), cf.Encoding.INT8_ROW)
+        w.finish()
+    with cf.open(path) as f:
+        (lay,) = build_layouts(f.index).values()
+        good = bytearray(f.group_bytes(0))
+        verify_group(f, lay, memoryview(good))  # sound
+        off, size = int(lay.in_offsets[1]), int(lay.in_sizes[1])
+        # a frame of the same stored length whose header declares one byte less
+        frame = zstandard.ZstdCompressor(level=1).compress(bytes(4095))
+        bad = bytearray(good)
+        bad[off : off + len(frame)] = frame
+        sums = lay.checksums.copy()
+        sums[1] = xxhash.xxh3_64_intdigest(bytes(bad[off : off + size]))
+        import dataclasses
+
+        lay2 = dataclasses.replace(lay, checksums=sums)
+        with pytest.raises(cf.DecodeError, match=r"chunk 1 .*declares 4095 decoded bytes"):
+            verify_group(f, lay2, memoryview(bad))
+        flipped = bytearray(good)
+        flipped[off + 3] ^= 1
+        with pytest.raises(cf.ChecksumError, match="refusing to send it to the GPU"):
+            verify_group(f, lay, memoryview(flipped))

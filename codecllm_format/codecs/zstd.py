@@ -46,6 +46,25 @@ def frame_compressed_size(frame: Buffer, where: str = "") -> int:
     return pos + (4 if mv[4] & 0x04 else 0)
 
 
+def check_frame_structure(frame: Buffer, raw_size: int, where: str = "") -> None:
+    """Cheap structural check of one stored chunk, without decoding: exactly one zstd frame
+    whose header declares `raw_size` decoded bytes. Run before any decoder (CPU or nvCOMP,
+    which assumes valid input) sees the chunk.
+
+    Raises:
+        DecodeError: not a frame, a declared size other than `raw_size`, or trailing bytes.
+    """
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise DecodeError(f"{where}: not a zstd frame ({e})") from None
+    if declared != raw_size:
+        raise DecodeError(f"{where}: zstd frame declares {declared} decoded bytes, the index says {raw_size}")
+    size = frame_compressed_size(frame, where)
+    if size != len(frame):
+        raise DecodeError(f"{where}: {len(frame) - size} bytes after the zstd frame (a chunk is exactly one frame)")
+
+
 @register
 class ZstdCodec(ChunkCodec):
     codec_id = Codec.ZSTD
@@ -78,17 +97,7 @@ class ZstdCodec(ChunkCodec):
         return [memoryview(seg) for seg in result]
 
     def _check_content_size(self, frame: Buffer, raw_size: int, where: str) -> None:
-        try:
-            declared = zstandard.frame_content_size(frame)
-        except zstandard.ZstdError as e:
-            raise DecodeError(f"{where}: not a zstd frame ({e})") from None
-        if declared != raw_size:
-            raise DecodeError(
-                f"{where}: zstd frame declares {declared} decoded bytes, the index says {raw_size}"
-            )
-        size = frame_compressed_size(frame, where)
-        if size != len(frame):
-            raise DecodeError(f"{where}: {len(frame) - size} bytes after the zstd frame (a chunk is exactly one frame)")
+        check_frame_structure(frame, raw_size, where)
 
     def decode_into(
         self, frames: Sequence[Buffer], raw_sizes: Sequence[int], out: memoryview, threads: int = 1, where: str = ""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checksums import xxh3_64
+from ..codecs.zstd import check_frame_structure
 from ..errors import ChecksumError, CllmError, DecodeError, DeviceError
 from ..reader import CllmFile
 from .layout import GroupLayout, build_layouts
@@ -50,18 +51,27 @@ class _Slot:
 
 
 def verify_group(f: CllmFile, layout: GroupLayout, data: memoryview | bytes | None = None) -> None:
-    """Check every int8 chunk checksum of a group (on the CPU) before the GPU sees it."""
+    """Check every int8 chunk of a group on the CPU before the GPU sees it: its checksum, then
+    that it is exactly one zstd frame declaring its decoded size (nvCOMP assumes valid input).
+
+    Raises:
+        ChecksumError, DecodeError: naming the group, chunk and file offset.
+    """
     buf = data if data is not None else f.group_bytes(layout.gid)
     try:
-        for i, (off, size, expected) in enumerate(
-            zip(layout.in_offsets.tolist(), layout.in_sizes.tolist(), layout.checksums.tolist())
+        for i, (off, size, raw, expected) in enumerate(
+            zip(layout.in_offsets.tolist(), layout.in_sizes.tolist(), layout.out_sizes.tolist(),
+                layout.checksums.tolist())
         ):
-            actual = xxh3_64(buf[off : off + size])
+            chunk = buf[off : off + size]
+            actual = xxh3_64(chunk)
+            where = f"group {layout.name!r} chunk {i} at offset {layout.file_offset + off}"
             if actual != expected:
                 raise ChecksumError(
-                    f"group {layout.name!r} chunk {i} at offset {layout.file_offset + off}: checksum mismatch "
-                    f"(stored {expected:#018x}, computed {actual:#018x}); refusing to send it to the GPU"
+                    f"{where}: checksum mismatch (stored {expected:#018x}, computed {actual:#018x}); "
+                    f"refusing to send it to the GPU"
                 )
+            check_frame_structure(chunk, raw, where)
     finally:
         if data is None and isinstance(buf, memoryview):
             buf.release()
