@@ -153,8 +153,11 @@ def _write_embedded_files(cllm: CllmFile, folder: Path) -> list[str]:
             warnings.warn(f"{cllm.path.name}: skipping embedded file with unsafe name {name!r}", stacklevel=3)
             continue
         dest = folder.joinpath(*p.parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(cllm.read_file(name))
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(cllm.read_file(name))
+        except OSError as e:  # e.g. both "x" and "x/y" embedded: a file where a folder must go
+            raise LoadError(f"{cllm.path.name}: embedded file {name!r} cannot be laid out ({e.strerror or e})") from None
         written.append(name)
     return written
 

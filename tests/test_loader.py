@@ -414,3 +414,20 @@ def test_buffer_the_model_cannot_recreate_is_a_load_error(llama):
     path, *_ = llama
     with pytest.raises(LoadError, match="cannot re-create odd"):
         codecllm_format.load(path, auto_class=WithOddBuffer)
+
+
+def test_embedded_files_that_cannot_be_laid_out_are_a_load_error(tmp_path):
+    """A file holding both "tok" and "tok/x.json" (the spec allows it) cannot be written out as
+    a folder: a LoadError naming it, not an OSError."""
+    import codecllm_format as cf
+
+    path = tmp_path / "m.cllm"
+    with cf.CllmWriter(path) as w:
+        w.begin_group("w")
+        w.add_tensor("w", torch.zeros(4))
+        w.add_file("config.json", b'{"model_type": "llama"}')
+        w.add_file("tok", b"a")
+        w.add_file("tok/x.json", b"{}")
+        w.finish()
+    with pytest.raises(cf.LoadError, match="tok"):
+        cf.load(path)
