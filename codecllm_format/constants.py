@@ -15,7 +15,10 @@ MAGIC = b"CLLM\r\n\x1a\n"
 """8 bytes. The CR LF / Ctrl-Z / LF tail catches text-mode and line-ending mangling (as PNG)."""
 
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1
+"""The newest minor version this implementation reads and writes. A writer stamps each file with
+the lowest minor version that covers the features it uses (`minor_version_for`), so a file
+that uses only v1.0 features stays a v1.0 file, byte for byte."""
 
 HEADER_SIZE = 64
 HEADER_STRUCT = struct.Struct("<8sHHIQQQQQQ")
@@ -122,6 +125,15 @@ class Checksum(enum.IntEnum):
 
 
 CHECKSUM_ALGORITHM = Checksum.XXH3_64
+
+# Minor version that introduced each enum value; values absent here are v1.0.
+FEATURE_MINOR: dict[enum.IntEnum, int] = {}
+
+
+def minor_version_for(encodings, codecs) -> int:
+    """The minor version a file using these encodings and codecs must carry."""
+    used = [*encodings, *codecs]
+    return max((FEATURE_MINOR.get(v, 0) for v in used), default=0)
 
 FILES_GROUP = "__files__"
 """Name of the last layer group, which holds the embedded files (and only them)."""

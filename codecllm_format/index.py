@@ -93,6 +93,8 @@ class EmbeddedFile:
 
 @dataclass(frozen=True)
 class Index:
+    """The decoded index of a file (section 6 of spec/FORMAT.md)."""
+
     tensors: tuple[TensorEntry, ...]
     groups: tuple[Group, ...]
     aliases: dict[str, str] = field(default_factory=dict)
@@ -492,3 +494,24 @@ def decode_index(data: bytes | memoryview, index_offset: int) -> Index:
     )
     _check_layout(index, index_offset)
     return index
+
+
+def index_minor_version(index: Index) -> int:
+    """The lowest minor format version covering every encoding and codec the index uses."""
+    streams = [s for t in index.tensors for s in t.streams] + [f.stream for f in index.files]
+    return C.minor_version_for({t.encoding for t in index.tensors}, {s.codec for s in streams})
+
+
+def check_minor_version(index: Index, minor: int) -> None:
+    """Reject a file whose header's minor version is below what its index uses.
+
+    Raises:
+        UnsupportedVersion: a feature newer than the file's stated minor version.
+    """
+    needed = index_minor_version(index)
+    if minor < needed:
+        used = sorted({t.encoding for t in index.tensors} | {s.codec for t in index.tensors for s in t.streams}
+                      | {f.stream.codec for f in index.files}, key=lambda v: (type(v).__name__, v))
+        newer = [f"{type(v).__name__.lower()} {v.name}" for v in used if C.FEATURE_MINOR.get(v, 0) > minor]
+        raise UnsupportedVersion(f"the file says format 1.{minor}, but uses {', '.join(newer)}, "
+                                 f"which needs minor {needed}")

@@ -30,7 +30,7 @@ from .errors import (
     TruncatedFile,
     UnsupportedVersion,
 )
-from .index import Index, Stream, TensorEntry, align_up, decode_index
+from .index import Index, Stream, TensorEntry, align_up, check_minor_version, decode_index
 from .quant import dequantize_int8_rows
 from .writer import DTYPE_TO_TORCH
 
@@ -142,6 +142,7 @@ class CllmFile:
                     f"index checksum mismatch: stored {self.header.index_checksum:#018x}, computed {actual:#018x}"
                 )
             self.index: Index = decode_index(blob, self.header.index_offset)
+            check_minor_version(self.index, self.header.minor)
         except BaseException:
             self.close()
             raise

@@ -31,6 +31,7 @@ from .index import (
     TensorEntry,
     align_up,
     encode_index,
+    index_minor_version,
 )
 from .quant import quantize_int8_rows
 
@@ -376,7 +377,8 @@ class CllmWriter:
             index_offset = self._pos
             self._fh.write(blob)
             self._pos += len(blob)
-            header = build_header(index_offset, len(blob), xxh3_64(blob), self._pos)
+            header = build_header(index_offset, len(blob), xxh3_64(blob), self._pos,
+                                  minor=index_minor_version(index))
             self._fh.seek(0)
             self._fh.write(header)
             self._fh.flush()

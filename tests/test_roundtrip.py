@@ -307,3 +307,28 @@ def test_layout_of_chunks_tiles_groups_exactly(tmp_path):
         gb = np.frombuffer(f.group_bytes(0), dtype=np.uint8)
         assert len(gb) == f.index.groups[0].length
         del gb
+
+
+def test_minor_version_is_the_lowest_that_covers_the_features_used(tmp_path, monkeypatch):
+    """v1.0-only files say minor 0; a file using a feature marked newer says that minor, and
+    the same file relabelled minor 0 is refused (spec section 4, rejection 31)."""
+    from codecllm_format.errors import UnsupportedVersion
+    from codecllm_format.writer import build_header
+
+    w = torch.randn(8, 32)
+    plain = write(tmp_path / "plain.cllm", {"w": (w, C.Encoding.INT8_ROW)})
+    with open_cllm(plain) as f:
+        assert f.version == (1, 0)
+
+    monkeypatch.setitem(C.FEATURE_MINOR, C.Encoding.INT8_ROW, 1)  # pretend INT8_ROW came in 1.1
+    newer = write(tmp_path / "newer.cllm", {"w": (w, C.Encoding.INT8_ROW)})
+    with open_cllm(newer) as f:
+        assert f.version == (1, 1)
+        header = f.header
+    data = bytearray(newer.read_bytes())
+    data[: C.HEADER_SIZE] = build_header(header.index_offset, header.index_length, header.index_checksum,
+                                         header.file_length, minor=0)
+    relabelled = tmp_path / "relabelled.cllm"
+    relabelled.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersion, match=r"says format 1\.0, but uses encoding INT8_ROW, which needs minor 1"):
+        open_cllm(relabelled)

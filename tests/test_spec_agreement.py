@@ -164,6 +164,14 @@ def test_enum_tables_equal_code(tables, enum_type):
     assert len(set(spec.values())) == len(spec), "enum values must be unique"
 
 
+@pytest.mark.parametrize("enum_type", [C.Encoding, C.Codec], ids=lambda e: e.__name__)
+def test_since_column_equals_feature_minor(tables, enum_type):
+    """The "since" column of the encoding and codec tables is constants.FEATURE_MINOR."""
+    for row in tables[f"enum {enum_type.__name__}"]:
+        member = enum_type[row["name"]]
+        assert row["since"] == f"1.{C.FEATURE_MINOR.get(member, 0)}", row
+
+
 def test_dtype_table_columns(tables):
     for row in tables["enum DType"]:
         dt = C.DType[row["name"]]
