@@ -26,6 +26,7 @@ from ..checksums import xxh3_64
 from ..codecs.zstd import check_frame_structure
 from ..errors import ChecksumError, CllmError, DecodeError, DeviceError
 from ..reader import CllmFile
+from .disk import GroupReader
 from .layout import GroupLayout, build_layouts
 from .nvcomp_decoder import EncodedGroup, GroupDecoder, file_encoding, import_nvcomp
 from .plan import STAGED_TIERS, ResidencyPlan, plan_residency
@@ -38,7 +39,6 @@ class _Slot:
     index: int
     out: torch.Tensor
     staging: torch.Tensor | None
-    host_staging: torch.Tensor | None
     gid: int | None = None
     free_event: torch.cuda.Event | None = None
     """Recorded on the compute stream when the slot's group finished computing."""
@@ -93,6 +93,8 @@ class GpuProvider:
         codec: in-memory codec of the host and gpu-compressed tiers: "zstd" (as in the file),
             "ans" (nvCOMP ANS: transcoded once at load, decodes ~10x faster), or "auto" (ans).
             The disk tier always reads the file's zstd.
+        read_ahead: disk tier: groups read ahead from the file into pinned memory by a
+            worker thread (read_ahead + 1 pinned buffers of the largest group).
         verbose: print the residency plan (it is always logged at INFO).
     """
 
@@ -109,6 +111,7 @@ class GpuProvider:
         codec: str = "auto",
         verbose: bool = False,
         cpu_fallback=None,
+        read_ahead: int = 2,
     ):
         if not torch.cuda.is_available():
             raise DeviceError('device="cuda" but CUDA is not available (no GPU, or a CPU-only PyTorch build)')
@@ -124,6 +127,9 @@ class GpuProvider:
         self.codec = "ans" if codec == "auto" else codec
         self.verify = verify
         self.prefetch = prefetch
+        if read_ahead < 1:
+            raise CllmError(f"read_ahead must be at least 1, got {read_ahead}")
+        self.read_ahead = read_ahead
         if cpu_fallback is None:
             from .provider import CpuProvider  # noqa: PLC0415
 
@@ -236,10 +242,9 @@ class GpuProvider:
         for k in range(self.plan.slots):
             out = torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=dev)
             staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=dev) if self.plan.staging_bytes else None
-            host_staging = None
-            if any(t == "disk" for t in tiers.values()):
-                host_staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, pin_memory=True)
-            self.slots.append(_Slot(k, out, staging, host_staging))
+            self.slots.append(_Slot(k, out, staging))
+        disk = {g: self.layouts[g].file_length for g, t in tiers.items() if t == "disk"}
+        self.disk_reader = GroupReader(self._read_group_into, disk, buffers=self.read_ahead + 1) if disk else None
         # Codecs used only at load (zstd for transcoding or the gpu tier) hold device scratch:
         # release those no streamed group decodes at run time.
         needed = {self.encoded[g].codec for g, t in tiers.items() if t != "gpu"}
@@ -274,16 +279,9 @@ class GpuProvider:
         else:
             assert slot.staging is not None
             src = slot.staging[: enc.length]
+            disk_buffer = None
             if tier == "disk":
-                if slot.read_event is not None:
-                    slot.read_event.synchronize()  # host staging must not be overwritten mid-copy
-                view = self.file.group_bytes(gid)
-                host = slot.host_staging[: lay.file_length]
-                host.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
-                view.release()
-                if self.verify and gid not in self._verified:
-                    verify_group(self.file, lay, memoryview(host.numpy()))
-                    self._verified.add(gid)
+                host, disk_buffer = self.disk_reader.take(gid)  # read ahead on the reader's thread
             else:
                 host = self.host_store[gid]
             with torch.cuda.stream(self.copy_stream):
@@ -293,6 +291,9 @@ class GpuProvider:
                 copied = torch.cuda.Event()
                 copied.record(self.copy_stream)
             self.stats["copies"] += 1
+            if disk_buffer is not None:
+                self.disk_reader.give_back(disk_buffer, copied)
+                self._read_ahead_after(gid)
             self.decode_stream.wait_event(copied)
         if slot.free_event is not None:
             self.decode_stream.wait_event(slot.free_event)
@@ -312,6 +313,26 @@ class GpuProvider:
             slot = self._schedule(gid, exclude=busy)
         torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
         return slot
+
+    def _read_group_into(self, gid: int, dst: np.ndarray) -> None:
+        """Copy a disk-tier group from the file mapping into pinned memory (on the reader's
+        thread); verify it the first time it is read."""
+        view = self.file.group_bytes(gid)
+        try:
+            np.copyto(dst, np.frombuffer(view, dtype=np.uint8))
+        finally:
+            view.release()
+        if self.verify and gid not in self._verified:
+            verify_group(self.file, self.layouts[gid], memoryview(dst))
+            self._verified.add(gid)
+
+    def _read_ahead_after(self, gid: int) -> None:
+        """Ask the disk reader for the groups expected after `gid` (learned order)."""
+        for _ in range(self.read_ahead):
+            gid = self._next.get(gid)
+            if gid is None or self.plan.tiers.get(gid) != "disk":
+                return
+            self.disk_reader.request(gid)
 
     def _release_transients(self) -> None:
         for gid in self._transient:
@@ -400,6 +421,8 @@ class GpuProvider:
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
+        if self.disk_reader is not None:
+            self.disk_reader.close()
         self.decoder.close()
         self.slots.clear()
         self._resident_views.clear()
