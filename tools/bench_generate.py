@@ -285,8 +285,6 @@ def main(argv=None) -> int:
             r["streamed_bytes_per_token"] = streamed
             r["pcie_bound_tok_s"] = results["pinned_h2d_gbps"] * 1e9 / streamed
             r["of_pcie_bound"] = r["tok_s"] / r["pcie_bound_tok_s"]
-        if args.graphs and tier == "gpu":
-            time_graphs(results, "cllm-gpu", m.model, prompt, args)
         first_tier_tokens = first_tier_tokens or r["tokens"]
         r["same_tokens_as_first_tier"] = r["tokens"] == first_tier_tokens
         results["variants"][f"cllm-{tier}"] = r
@@ -298,6 +296,8 @@ def main(argv=None) -> int:
                   f"{100 * r['of_pcie_bound']:.0f}% of it", flush=True)
         if r["stream_profile"]:
             print(f"   per layer group: {r['stream_profile']}", flush=True)
+        if args.graphs and tier == "gpu":
+            time_graphs(results, "cllm-gpu", m.model, prompt, args)
         m.close()
         del m
         free()
