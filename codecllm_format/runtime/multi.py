@@ -44,8 +44,10 @@ MiB = 1024 * 1024
 BLOCK_NAME = re.compile(r"^(?:.*\.)?(?:layers|layer|h|blocks|block)\.\d+$")
 """Module names of transformer blocks (children of a ModuleList), as the converter groups them."""
 
-HEAD_NAME = re.compile(r"(?:^|\.)[^.]*(?:embed|wte|wpe|rotary|rope|position)[^.]*(?:\.|$)", re.IGNORECASE)
-"""Modules outside the blocks that run before them (embeddings, rotary tables): first device."""
+HEAD_NAME = re.compile(r"(?:^|\.)[^.]*(?:rotary|rope)[^.]*$", re.IGNORECASE)
+"""Rotary tables outside the blocks are computed before them even when registered after them
+(Llama's model.rotary_emb): first device, with the embeddings and whatever is registered before
+the first block. (Placement only matters for speed: every module's inputs are moved to it.)"""
 
 
 # --- parsing the arguments (pure) ----------------------------------------------------------------
@@ -807,15 +809,15 @@ def attach_device_hooks(model: nn.Module, placement: Placement) -> list:
     handles = []
     shared: dict = {}
 
-    def hook(mod: nn.Module, dev: torch.device, **flags) -> None:
-        h = _DeviceHooks(dev, shared, **flags)
+    def hook(mod: nn.Module, dev: torch.device, cache: dict | None, **flags) -> None:
+        h = _DeviceHooks(dev, cache, **flags)
         handles.append(mod.register_forward_pre_hook(h.pre, with_kwargs=True, prepend=True))
         handles.append(mod.register_forward_hook(h.post, with_kwargs=True, always_call=True))
 
     named = dict(model.named_modules())
     last = len(placement.blocks) - 1
     for i, b in enumerate(placement.blocks):
-        hook(named[b], placement.block_devices[b], clear_before=i == 0, clear_after=i == last)
+        hook(named[b], placement.block_devices[b], shared, clear_before=i == 0, clear_after=i == last)
     for name, mod in named.items():
         if not name or placement.block_of(name) is not None or any(_inside(b, name) for b in placement.blocks):
             continue
@@ -827,5 +829,5 @@ def attach_device_hooks(model: nn.Module, placement: Placement) -> list:
             if not own:
                 continue
             dev = own[0].device
-        hook(mod, dev)
+        hook(mod, dev, None)  # called once per forward: nothing to share, nothing kept
     return handles
