@@ -392,6 +392,15 @@ def main(argv=None) -> int:
         xo = f"{r['tok_s'] / off['tok_s']:.2f}" if off else "-"
         per = " + ".join(f"{x:.3f}" for x in r.get("peak_vram_gib_per_gpu", []))
         print(f"{name:<26} {r['tok_s']:>8.2f} {r['peak_vram_gib']:>9.3f} {r['tok_s'] / base['tok_s']:>7.2f} {xo:>9}  {per}")
+    if devices:  # ready for benchmarks/RESULTS.md
+        print(f"\n| variant | tok/s (runs) | peak GiB per GPU {devices} | x bf16 1 GPU | blocks per GPU | same tokens |")
+        print("| --- | --- | --- | ---: | --- | --- |")
+        for name, r in results["variants"].items():
+            runs = ", ".join(f"{x:.2f}" for x in r["tok_s_runs"])
+            per = " / ".join(f"{x:.3f}" for x in r.get("peak_vram_gib_per_gpu", []))
+            same = {True: "yes", False: "**no**"}.get(r.get("same_tokens_as_first_tier"), "-")
+            print(f"| {name} | {r['tok_s']:.2f} ({runs}) | {per} | {r['tok_s'] / base['tok_s']:.2f} | "
+                  f"{r.get('blocks_per_gpu', '-')} | {same} |")
     for r in results["variants"].values():
         r.pop("tokens", None)
     if args.json:
