@@ -5,7 +5,9 @@ KV cache and bounded memory, and generate() runs 50 tokens.
 Why bit-exact: both runs execute the same kernels (nvCOMP decode, the fused int8 Triton GEMM or
 the reference dequantize + matmul, cuBLAS, SDPA) on the same inputs and GPUs of the same model;
 moving hidden states between GPUs is an exact copy, and none of these kernels reduces in a
-run-dependent order. A mismatch therefore means a routing or placement bug, not rounding.
+run-dependent order (no atomics; Triton's autotuned configs are cached by shape in the process,
+so both runs use the same ones). A mismatch therefore means a routing or placement bug, not
+rounding.
 
 Skipped with fewer than 2 CUDA devices (run on a 2x H100/H200 machine). NCCL is not used (peer
 copies only); NCCL_NVLS_ENABLE=0 is set anyway, as everywhere in this project.
@@ -13,6 +15,7 @@ copies only); NCCL_NVLS_ENABLE=0 is set anyway, as everywhere in this project.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -98,6 +101,7 @@ def _generate(m, ids, n=50):
 
 
 def _mem_marks():
+    gc.collect()  # models of earlier tests (reference cycles) must not be freed mid-measurement
     torch.cuda.synchronize(0)
     torch.cuda.synchronize(1)
     base = [torch.cuda.memory_allocated(i) for i in (0, 1)]
@@ -160,6 +164,7 @@ def test_memory_flat_per_gpu_over_repeated_generation(tiny_llama):
     with cf.load(tiny_llama, device_map=[0, 1], dtype=torch.bfloat16, residency="host", tokenizer=False) as m:
         ids = _ids(n=16, batch=1, seed=4)
         _generate(m, ids, 8)
+        gc.collect()
         torch.cuda.synchronize(0)
         torch.cuda.synchronize(1)
         base = [torch.cuda.memory_allocated(i) for i in (0, 1)]
