@@ -193,8 +193,10 @@ def test_auto_device_map_and_per_gpu_budgets(tiny_llama):
     with cf.load(tiny_llama, device="cuda:0", dtype=torch.float32, residency="gpu", tokenizer=False) as one:
         ref = _logits(one, ids)
     # no options: residency auto under each GPU's free memory -> everything resident
-    with cf.load(tiny_llama, device_map="auto", dtype=torch.float32, tokenizer=False) as m:
-        assert len(m.provider.providers) == torch.cuda.device_count()
+    count = torch.cuda.device_count()
+    spec = "auto" if count <= 4 else [0, 1]  # the tiny model has 4 blocks: at most 4 GPUs
+    with cf.load(tiny_llama, device_map=spec, dtype=torch.float32, tokenizer=False) as m:
+        assert len(m.provider.providers) == min(count, 4) if count <= 4 else 2
         assert all(set(p.plan.tiers.values()) == {"gpu"} for p in m.provider.providers)
         assert torch.equal(_logits(m, ids), ref)
     # per-GPU budgets: GPU 0 has room for the embeddings and one block only, so it gets one
