@@ -1,4 +1,4 @@
-"""Multi-device split (runtime/multi.py), on the CPU: device-map and budget parsing, the split
+"""Multi-device split (runtime/split.py, runtime/multi.py), on the CPU: device-map and budget parsing, the split
 planner (against brute force), per-device plans, model placement, the activation-moving hooks
 (a real cpu -> meta move), and the whole split code path on tiny models with two CPU "devices"
 (logits and tokens bit-identical to the one-device load). The GPU run is tests/test_multi_gpu.py."""
@@ -22,14 +22,11 @@ import codecllm_format as cf  # noqa: E402
 from codecllm_format import DeviceError, LoadError  # noqa: E402
 from codecllm_format import loader  # noqa: E402
 from codecllm_format.convert import convert  # noqa: E402
-from codecllm_format.runtime.multi import (  # noqa: E402
-    Placement,
+from codecllm_format.runtime.multi import Placement, attach_device_hooks, move_to, place_model  # noqa: E402
+from codecllm_format.runtime.split import (  # noqa: E402
     SplitPlan,
-    attach_device_hooks,
-    move_to,
     parse_budgets,
     parse_device_map,
-    place_model,
     plan_split,
     split_blocks,
 )
