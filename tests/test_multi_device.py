@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import Recorder, make_folder  # noqa: E402
+from tiny_models import Recorder, make_folder, model_class  # noqa: E402
 
 import codecllm_format as cf  # noqa: E402
 from codecllm_format import DeviceError, LoadError  # noqa: E402
@@ -265,6 +265,72 @@ def test_hooks_move_arguments_to_each_block_device():
     log.clear()
     model(torch.tensor([[1]]))
     assert {e[0] for e in log} == {CPU}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "gpt2", "bert"])
+def test_real_blocks_run_split_over_two_devices(arch, tmp_path):
+    """place_model's decisions + the hooks on real transformers blocks: the second device is
+    'meta', where any tensor left on the CPU makes an op fail. Logits land where the head is,
+    each layer's KV cache on its block's device, and a cached second step runs too. (A head
+    tied to the embeddings runs on the first device, and nothing comes back from meta: for
+    those the forward is not run, only where the head is.)"""
+    import json
+
+    folder = tmp_path / arch
+    make_folder(arch, folder)
+    path = tmp_path / f"{arch}.cllm"
+    convert(folder, path, chunk_size=4096)
+    meta = torch.device("meta")
+    with cf.open(path) as f:
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**json.loads(f.read_file("config.json")))
+        torch.manual_seed(0)
+        model = model_class(arch).from_config(config, dtype=torch.float32).eval()
+        slots, _ = loader._model_slots(model)
+        _, to_model = loader._prefix_mapping(model, slots.keys(), set(f.keys()))
+        pl = place_model(model, f, to_model, [CPU, meta])
+    ids = torch.randint(4, 30, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids)
+    moved: set[int] = set()
+    for mname, mod in model.named_modules():  # like the loader: a shared tensor goes where it is first met
+        for store in (mod._parameters, mod._buffers):
+            for leaf, t in list(store.items()):
+                if t is None or id(t) in moved:
+                    continue
+                moved.add(id(t))
+                dev = pl.device_of(f"{mname}.{leaf}" if mname else leaf)
+                new = t.to(dev)
+                new = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+                moved.add(id(new))
+                for m2 in model.modules():  # every owner of the shared tensor
+                    for s2 in (m2._parameters, m2._buffers):
+                        for k2, v2 in list(s2.items()):
+                            if v2 is t:
+                                s2[k2] = new
+    assert pl.split.block_device == [0, 1]
+    head = model.get_output_embeddings()
+    if arch in ("llama-tied", "gpt2"):
+        assert head is not None and head.weight.device == CPU
+        return
+    with pytest.raises(RuntimeError, match="device"):  # without the hooks the split cannot run
+        with torch.no_grad():
+            model(ids)
+    handles = attach_device_hooks(model, pl)
+    with torch.no_grad():
+        out = model(ids, use_cache=True) if arch != "bert" else model(ids)
+    if arch == "bert":
+        assert out.last_hidden_state.device == meta
+        return
+    assert out.logits.device == meta and out.logits.shape == ref.logits.shape
+    cache = out.past_key_values
+    assert [layer.keys.device for layer in cache.layers] == [CPU, meta]
+    with torch.no_grad():
+        step = model(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert step.logits.device == meta and cache.get_seq_length() == ids.shape[1] + 1
+    for h in handles:
+        h.remove()
 
 
 def test_move_to_nested_structures():
