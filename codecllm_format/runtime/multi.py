@@ -422,13 +422,17 @@ class _DeviceHooks:
         if self.clear_before and self.cache is not None:
             self.cache.clear()
         if self.device.type == "cuda":
-            self._previous.append(torch.cuda.current_device())
-            torch.cuda.set_device(self.device)
+            previous = torch.cuda.current_device()
+            self._previous.append(previous)
+            if previous != self.device.index:
+                torch.cuda.set_device(self.device.index)
         return move_to(args, self.device, self.cache), move_to(kwargs, self.device, self.cache)
 
     def post(self, module, args, kwargs, output):
         if self.device.type == "cuda" and self._previous:
-            torch.cuda.set_device(self._previous.pop())
+            previous = self._previous.pop()
+            if previous != self.device.index:
+                torch.cuda.set_device(previous)
         if self.clear_after and self.cache is not None:
             self.cache.clear()
         return None
