@@ -209,6 +209,18 @@ def test_auto_device_map_and_per_gpu_budgets(tiny_llama):
         assert torch.equal(_logits(m, ids), ref)
 
 
+def test_a_device_map_of_one_gpu_is_the_one_gpu_runtime(tiny_llama):
+    from codecllm_format.runtime.gpu import GpuProvider
+
+    ids = _ids()
+    with cf.load(tiny_llama, device="cuda:0", dtype=torch.float32, residency="gpu", tokenizer=False) as one:
+        ref = _logits(one, ids)
+    with cf.load(tiny_llama, device_map=[1], dtype=torch.float32, tokenizer=False) as m:
+        assert isinstance(m.provider, GpuProvider) and m.device == torch.device("cuda", 1)
+        assert set(m.provider.plan.tiers.values()) == {"gpu"}  # auto under the GPU's free memory
+        assert torch.equal(_logits(m, ids), ref)
+
+
 def _decoded_bytes(path) -> dict[str, int]:
     from codecllm_format.runtime.layout import build_layouts
 
