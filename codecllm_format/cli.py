@@ -204,11 +204,14 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("file", help="a .cllm file with an embedded config and tokenizer")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda[:N]")
+    p.add_argument("--device-map", default=None, metavar="auto|0,1",
+                   help="split the layers over several GPUs as a pipeline: auto (every visible GPU) or a "
+                   "comma-separated list of GPU indices; --max-vram may then list one budget per GPU (6GiB,10GiB)")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the model's)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample (with the model's generation settings) instead of greedy")
-    gpu = p.add_argument_group("GPU options (with --device cuda)")
+    gpu = p.add_argument_group("GPU options (with --device cuda or --device-map)")
     gpu.add_argument("--residency", choices=("gpu", "gpu-compressed", "host", "disk", "auto"), default=None,
                      help="where the int8 weights live: gpu (decoded once, fastest), gpu-compressed (compressed in "
                      "VRAM, decoded per forward), host (compressed in pinned RAM, streamed: least VRAM; the default), "
@@ -220,14 +223,20 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
     runtime = {k: v for k, v in (("residency", args.residency), ("max_vram", args.max_vram), ("codec", args.codec)) if v is not None}
-    if runtime and not args.device.startswith("cuda"):
-        p.error("--residency, --max-vram and --codec need --device cuda")
+    if args.device_map is not None:
+        if args.device is not None and args.device != "cuda":
+            p.error(f"--device-map splits the model over GPUs: leave --device out (got --device {args.device})")
+        if args.max_vram is not None and "," in args.max_vram:
+            runtime["max_vram"] = [v.strip() for v in args.max_vram.split(",")]
+    elif runtime and not (args.device or "cpu").startswith("cuda"):
+        p.error("--residency, --max-vram and --codec need --device cuda or --device-map")
+    where = {"device_map": args.device_map} if args.device_map is not None else {"device": args.device or "cpu"}
 
     def body() -> int:
         from .loader import load
 
         try:
-            model = load(args.file, device=args.device, dtype=args.dtype, **runtime)
+            model = load(args.file, dtype=args.dtype, **where, **runtime)
         except ValueError as e:  # a bad --dtype
             raise CllmError(str(e)) from None
         with model:

@@ -515,15 +515,16 @@ def _still_sentinel(t: torch.Tensor) -> bool:
     return bool((t == torch.iinfo(t.dtype).min).all())
 
 
-def _init_buffers(model, items: list[tuple[str, nn.Module, str, str]], device: torch.device) -> None:
+def _init_buffers(model, items: list[tuple[str, nn.Module, str, str]], device: torch.device | Callable[[str], torch.device]) -> None:
     """Re-create tensors that meta init left empty (non-persistent buffers, keys the model
-    says may be missing) with the model's own _init_weights, as from_pretrained does."""
+    says may be missing) with the model's own _init_weights, as from_pretrained does.
+    `device` may be a function of the tensor's qualified name (a multi-device placement)."""
     from transformers import initialization as hf_init
 
     by_module: dict[int, tuple[str, nn.Module, list]] = {}
     for name, owner, leaf, kind in items:
         cur = (owner._parameters if kind == "param" else owner._buffers)[leaf]
-        value = torch.empty_like(cur, device=device)
+        value = torch.empty_like(cur, device=device(name) if callable(device) else device)
         _sentinel_fill(value)
         if kind == "param":
             value = nn.Parameter(value, requires_grad=False)
@@ -550,9 +551,11 @@ def _init_buffers(model, items: list[tuple[str, nn.Module, str, str]], device: t
         )
 
 
-def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device) -> list:
+def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
+          place: Callable[[str], torch.device] | None = None) -> list:
     """Swap int8 layers for compressed modules, load raw tensors, re-create buffers, hook
-    groups. Returns the hook handles.
+    groups. Returns the hook handles. `place` (tensor name -> device) puts raw tensors and
+    re-created buffers on several devices (a multi-GPU split); None: all on `device`.
 
     Raises:
         LoadError: missing / unexpected / mis-shaped tensors, buffers that cannot be re-created,
@@ -633,13 +636,14 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device)
             compressed_slots.add(f"{n}.weight" if n else "weight")
 
     # 3. raw tensors (and int8 tensors of modules that cannot stay compressed: dequantized)
-    loaded: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+    loaded: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
     made: dict[tuple[int, str], torch.Tensor] = {}
     for s in slots.values():
         if s.name in compressed_slots or s.source is None:
             continue
         target = s.tensor.dtype
-        key = (s.source, target)
+        where = place(s.name) if place is not None else device
+        key = (s.source, target, where)
         if key not in loaded:
             e = cllm.entry(s.source)
             if e.encoding == C.Encoding.INT8_ROW:
@@ -648,7 +652,7 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device)
                 t = cllm.get_raw(s.source).data
             if t.dtype != target:
                 t = t.to(target)
-            loaded[key] = t.to(device)
+            loaded[key] = t.to(where)
         mkey = (id(s.tensor), s.kind)
         if mkey not in made:
             v = loaded[key]
@@ -684,7 +688,7 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device)
     for s in to_initialize:
         items.extend((s.name, owner, leaf, s.kind) for owner, leaf in s.owners)
     if items:
-        _init_buffers(model, items, device)
+        _init_buffers(model, items, place if place is not None else device)
 
     # 6. nothing may be left on meta
     left = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
@@ -749,9 +753,10 @@ def _hook_groups(model, groups, to_model, provider: WeightProvider) -> list:
 
 def load(
     path: str | os.PathLike,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     *,
+    device_map: str | list | tuple | None = None,
     task: str | None = None,
     auto_class=None,
     tokenizer: bool = True,
@@ -768,7 +773,14 @@ def load(
             .cllm is downloaded, into the HF cache (HF_HUB_OFFLINE honoured). See codecllm_format.hub.
         filename, revision, token: the file in the repo (default: its single .cllm), the
             branch / tag / commit, and the Hub token.
-        device: "cpu" (CpuProvider) or "cuda[:N]" (runtime.gpu.GpuProvider).
+        device: "cpu" (CpuProvider; the default) or "cuda[:N]" (runtime.gpu.GpuProvider).
+        device_map: split the transformer blocks over several GPUs as a pipeline
+            (runtime/multi.py): "auto" (every visible GPU), a list of GPUs ([0, 1],
+            ["cuda:0", "cuda:1"]) or "0,1". Each GPU gets its own provider, residency plan,
+            slots and prefetch for its blocks; embeddings run on the first GPU, the final
+            norm and head on the last. max_vram= is then one budget for every GPU, a list
+            (one per GPU) or a dict {GPU: budget}; without residency= and max_vram=, the
+            residency is "auto" under each GPU's free memory. device must be left out (or "cuda").
         dtype: compute dtype; None: the config's dtype (float32 if none; float16 -> float32 on CPU).
         task: build the Auto class of this task (see TASKS) instead of config.architectures.
         auto_class: a transformers class (or its name) to build, overriding task/architectures.
@@ -779,15 +791,38 @@ def load(
         A CllmModel (.model, .tokenizer, .config, .generate(), __call__).
 
     Raises:
-        DeviceError: the device does not exist or cannot be used.
+        DeviceError: the device does not exist or cannot be used; a device_map that names a
+            missing GPU, is not understood, or comes with device="cpu".
         FormatError (and subclasses): the file is not a sound .cllm file.
         HubError: the repo, revision or file cannot be found (or the Hub reached, with nothing cached).
         LoadError: no embedded config, an architecture transformers cannot build, tensors that do
-            not match the model's parameters.
+            not match the model's parameters; with device_map: a model without transformer
+            blocks, budgets that cannot hold the split, a max_vram spec that is not understood.
     """
-    dev, provider_cls = resolve_device(device)
+    devices = None
+    if device_map is None:
+        dev, provider_cls = resolve_device("cpu" if device is None else device)
+    else:
+        from .runtime.multi import resolve_device_map
+
+        devices = resolve_device_map(device_map, device)
+        dev, provider_cls = resolve_device(devices[0])
     dtype = _parse_dtype(dtype)
     path = resolve_path(path, filename=filename, revision=revision, token=token)
+    factory = None
+    if devices is not None:
+        from .runtime.multi import gpu_factory as factory
+    return _load_resolved(path, dev, provider_cls, dtype, task=task, auto_class=auto_class, tokenizer=tokenizer,
+                          devices=devices, factory=factory, runtime_options=runtime_options)
+
+
+def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | None, *, task=None, auto_class=None,
+                   tokenizer: bool = True, devices: list[torch.device] | None = None, factory=None,
+                   runtime_options: dict | None = None) -> CllmModel:
+    """load() after the arguments were checked: `devices` (with `factory`, see
+    runtime/multi.py) splits the model over those devices; None loads it on `dev` with one
+    `provider_cls`. CPU tests call it with devices=[cpu, cpu] to run the split's code path."""
+    runtime_options = dict(runtime_options or {})
     cllm = open_cllm(path)
     provider = None
     try:
@@ -800,8 +835,34 @@ def load(
             model = _build_on_meta(cls, config, compute)
             _load_generation_config(model, folder)
             tok = _load_tokenizer(cllm, folder) if tokenizer else None
-        provider = provider_cls(cllm, device=dev, **runtime_options)
-        hooks = _bind(model, cllm, provider, dev)
+        if devices is None:
+            provider = provider_cls(cllm, device=dev, **runtime_options)
+            hooks = _bind(model, cllm, provider, dev)
+        elif len(devices) == 1:  # a device map of one GPU: the one-device runtime, budget as for a split
+            from .runtime.multi import budgets_for
+
+            residency = runtime_options.pop("residency", None)
+            budgets = budgets_for(runtime_options.pop("max_vram", None), residency, devices)
+            if residency is None and budgets[0] is not None:
+                residency = "auto"
+            opts = {**runtime_options, **({"residency": residency} if residency else {}),
+                    **({"max_vram": budgets[0]} if budgets[0] is not None else {})}
+            provider = provider_cls(cllm, device=dev, **opts)
+            hooks = _bind(model, cllm, provider, dev)
+        else:
+            from .runtime import multi
+
+            residency = runtime_options.pop("residency", None)
+            budgets = multi.budgets_for(runtime_options.pop("max_vram", None), residency, devices)
+            slots_, _ = _model_slots(model)
+            _, to_model = _prefix_mapping(model, slots_.keys(), set(cllm.keys()))
+            placement = multi.place_model(model, cllm, to_model, devices, residency, budgets,
+                                          slots=runtime_options.get("slots", 2), reserve=runtime_options.get("reserve"))
+            provider = multi.MultiDeviceProvider(cllm, placement, factory, runtime_options)
+            hooks = _bind(model, cllm, provider, dev, place=placement.device_of)
+            hooks += multi.attach_device_hooks(model, placement)
+            if all(d.type == "cuda" for d in devices):
+                model.hf_device_map = placement.hf_device_map()
         for p in model.parameters():
             p.requires_grad_(False)
         return CllmModel(model, tok, model.config, provider, cllm, dev, compute, hooks)

@@ -9,7 +9,14 @@ the meta device and initialised on the GPU; quantized on the GPU, written as .cl
 writer. Batch 1, 16-token prompt, greedy, after a warm-up. Prints tok/s, peak VRAM and ratios to
 (a) and (b); writes JSON.
 
+With --devices 0,1 (a pipeline split over those GPUs) it also runs
+  (a2) the bf16 model dispatched over the same GPUs by accelerate, as transformers'
+       from_pretrained(device_map="auto") does (balanced, no decoder layer split)
+and loads every cllm tier with load(device_map=[0, 1]); peak VRAM is reported per GPU
+(peak_vram_gib is then their sum).
+
     python tools/bench_generate.py --shape tinyllama --json out.json
+    python tools/bench_generate.py --shape llama2-7b --devices 0,1 --no-offload --json out.json
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from pathlib import Path
 
 # Count nvCOMP's scratch memory in torch's statistics, so peak VRAM figures are complete.
 os.environ.setdefault("CODECLLM_NVCOMP_TORCH_ALLOCATOR", "1")
+# Nothing here uses NCCL (GPUs exchange activations by peer copies); NVLink multicast stays off anyway.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import torch  # noqa: E402
 
@@ -86,12 +95,14 @@ def write_cllm(model, path: Path, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_generate(generate, prompt: torch.Tensor, new_tokens: int, warmup_tokens: int = 4, repeats: int = 1) -> dict:
+def time_generate(generate, prompt: torch.Tensor, new_tokens: int, warmup_tokens: int = 4, repeats: int = 1,
+                  devices: list[int] | None = None) -> dict:
     """Median tok/s over `repeats` greedy generations of `new_tokens` after a warm-up (CUDA
-    events around each); peak VRAM over the timed runs."""
+    events around each); peak VRAM over the timed runs (with `devices`: per GPU, and their sum)."""
     generate(prompt, warmup_tokens)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    for d in devices or [None]:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
     runs = []
     for _ in range(repeats):
         start = torch.cuda.Event(enable_timing=True)
@@ -100,11 +111,32 @@ def time_generate(generate, prompt: torch.Tensor, new_tokens: int, warmup_tokens
         out = generate(prompt, new_tokens)
         end.record()
         end.synchronize()
+        for d in devices or []:  # the last token came back to the first GPU: the others are done
+            torch.cuda.synchronize(d)
         produced = out.shape[-1] - prompt.shape[-1]
         runs.append(produced / (start.elapsed_time(end) / 1000))
     runs.sort()
-    return {"tok_s": runs[len(runs) // 2], "tok_s_runs": runs, "new_tokens": produced,
-            "peak_vram_gib": torch.cuda.max_memory_allocated() / GiB, "tokens": out[0, -produced:].tolist()}
+    r = {"tok_s": runs[len(runs) // 2], "tok_s_runs": runs, "new_tokens": produced,
+         "peak_vram_gib": torch.cuda.max_memory_allocated() / GiB, "tokens": out[0, -produced:].tolist()}
+    if devices:
+        r["peak_vram_gib_per_gpu"] = [torch.cuda.max_memory_allocated(d) / GiB for d in devices]
+        r["peak_vram_gib"] = sum(r["peak_vram_gib_per_gpu"])
+    return r
+
+
+def dispatch_bf16(model, devices: list[int]):
+    """The bf16 model spread over `devices` as from_pretrained(device_map="auto") does it:
+    accelerate's balanced max_memory, decoder layers kept whole, AlignDevicesHooks. Returns the
+    device map."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or ["LlamaDecoderLayer"])
+    free = {d: int(torch.cuda.mem_get_info(d)[0] * 0.9) for d in devices}
+    balanced = get_balanced_memory(model, max_memory=free, no_split_module_classes=no_split, dtype=torch.bfloat16)
+    device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=torch.bfloat16)
+    dispatch_model(model, device_map=device_map)
+    return device_map
 
 
 def decode_only_peak(provider) -> float:
@@ -211,6 +243,45 @@ def free():
     torch.cuda.empty_cache()
 
 
+def run_split_tier(path: Path, tier: str, devices: list[int], prompt: torch.Tensor, args, results: dict) -> dict:
+    """One cllm tier loaded with load(device_map=devices): tok/s, per-GPU peak VRAM (load included,
+    above what each GPU held before), per-GPU plan, tokens."""
+    for d in devices:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
+    base = [torch.cuda.memory_allocated(d) for d in devices]
+    t0 = time.perf_counter()
+    options = {"residency": tier} if tier != "auto" else {}  # auto: each GPU's free memory is its budget
+    m = cf.load(path, device_map=devices, dtype=torch.bfloat16, tokenizer=False, **options)
+    load_s = time.perf_counter() - t0
+    loaded = [torch.cuda.memory_allocated(d) - b for d, b in zip(devices, base)]
+    r = time_generate(lambda p, n: m.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False), prompt,
+                      args.new_tokens, repeats=args.repeats, devices=devices)
+    plan = m.provider.plan
+    r["load_seconds"] = load_s
+    r["peak_vram_gib_per_gpu"] = [(torch.cuda.max_memory_allocated(d) - b) / GiB for d, b in zip(devices, base)]
+    r["peak_vram_gib"] = sum(r["peak_vram_gib_per_gpu"])
+    r["resident_after_load_gib_per_gpu"] = [x / GiB for x in loaded]
+    r["plan_weight_vram_gib_per_gpu"] = [p.plan.weight_vram / GiB for p in m.provider.providers]
+    r["blocks_per_gpu"] = [plan.block_device.count(i) for i in range(len(devices))]
+    r["tiers_per_gpu"] = [sorted(set(p.plan.tiers.values())) for p in m.provider.providers]
+    streamed = sum(p.encoded[g].length for p in m.provider.providers for g, t in p.plan.tiers.items() if t in ("host", "disk"))
+    if streamed:
+        r["streamed_bytes_per_token"] = streamed
+        r["pcie_bound_tok_s"] = results["pinned_h2d_gbps"] * 1e9 / streamed
+        r["of_pcie_bound"] = r["tok_s"] / r["pcie_bound_tok_s"]
+    print(f"cllm {tier} over {devices}: {r['tok_s']:.2f} tok/s, peak per GPU "
+          f"{', '.join(f'{x:.3f}' for x in r['peak_vram_gib_per_gpu'])} GiB (plan "
+          f"{', '.join(f'{x:.3f}' for x in r['plan_weight_vram_gib_per_gpu'])}; blocks {r['blocks_per_gpu']}; "
+          f"tiers {r['tiers_per_gpu']}), load {load_s:.1f} s", flush=True)
+    if streamed:
+        print(f"   PCIe bound (one GPU's link) {r['pcie_bound_tok_s']:.2f} tok/s "
+              f"({streamed / 1e9:.2f} GB/token): {100 * r['of_pcie_bound']:.0f}% of it", flush=True)
+    m.close()
+    del m
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -224,13 +295,28 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported); offload runs once")
     ap.add_argument("--graphs", action="store_true",
                     help="also time bf16 and the cllm gpu tier with a static KV cache and a CUDA graph per decode step")
+    ap.add_argument("--devices", default=None, metavar="0,1",
+                    help="split over these GPUs (cllm: load(device_map=...); bf16: accelerate's balanced dispatch); "
+                    "default: one GPU")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate needs a CUDA GPU", file=sys.stderr)
         return 2
-    dev = "cuda"
+    devices = None
+    if args.devices:
+        try:
+            devices = [int(d) for d in args.devices.split(",")]
+        except ValueError:
+            ap.error(f"--devices takes GPU indices like 0,1, got {args.devices!r}")
+        if len(devices) < 2 or len(set(devices)) != len(devices) or max(devices) >= torch.cuda.device_count():
+            ap.error(f"--devices needs 2 or more distinct GPUs of the {torch.cuda.device_count()} visible, got {args.devices!r}")
+        torch.cuda.set_device(devices[0])
+    dev = f"cuda:{devices[0]}" if devices else "cuda"
     results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens, "variants": {}}
+    if devices:
+        results["devices"] = devices
+        results["device_names"] = [torch.cuda.get_device_name(d) for d in devices]
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, SHAPES[args.shape]["vocab_size"], (1, 16), generator=g).to(dev)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cllm-bench-"))
@@ -246,12 +332,28 @@ def main(argv=None) -> int:
     print(f"wrote {path} ({results['file_gib']:.2f} GiB = {path.stat().st_size / weight_bytes:.3f} of bf16) "
           f"in {results['write_seconds']:.1f} s", flush=True)
 
-    r = time_generate(hf_generate(model), prompt, args.new_tokens, repeats=args.repeats)
+    r = time_generate(hf_generate(model), prompt, args.new_tokens, repeats=args.repeats, devices=devices)
     results["variants"]["bf16-resident"] = r
     print(f"bf16 resident: {r['tok_s']:.2f} tok/s, peak {r['peak_vram_gib']:.3f} GiB", flush=True)
     if args.graphs:
         time_graphs(results, "bf16-resident", model, prompt, args)
     first_tier_tokens = None
+
+    if devices:
+        from accelerate.hooks import remove_hook_from_module
+
+        device_map = dispatch_bf16(model, devices)
+        free()
+        r = time_generate(hf_generate(model), prompt, args.new_tokens, repeats=args.repeats, devices=devices)
+        r["device_map_gpus"] = sorted({v for v in device_map.values() if isinstance(v, int)})
+        results["variants"]["bf16-device_map-auto"] = r
+        print(f"bf16 accelerate device_map over {devices}: {r['tok_s']:.2f} tok/s, peak per GPU "
+              f"{', '.join(f'{x:.3f}' for x in r['peak_vram_gib_per_gpu'])} GiB", flush=True)
+        remove_hook_from_module(model, recurse=True)
+        if hasattr(model, "hf_device_map"):
+            del model.hf_device_map
+        model.to(dev)
+        free()
 
     if not args.no_offload:
         from accelerate import cpu_offload
@@ -266,6 +368,12 @@ def main(argv=None) -> int:
     free()
 
     for tier in [t for t in args.tiers.split(",") if t]:
+        if devices:
+            results["variants"][f"cllm-{tier}"] = r = run_split_tier(path, tier, devices, prompt, args, results)
+            first_tier_tokens = first_tier_tokens or r["tokens"]
+            r["same_tokens_as_first_tier"] = r["tokens"] == first_tier_tokens
+            free()
+            continue
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
@@ -305,14 +413,24 @@ def main(argv=None) -> int:
     base = results["variants"]["bf16-resident"]
     off = results["variants"].get("accelerate-cpu_offload")
     print(f"\n{args.shape} on {results['device']} ({results['date']}), batch 1, 16-token prompt, {args.new_tokens} new tokens, greedy")
-    print(f"{'variant':<26} {'tok/s':>8} {'peak GiB':>9} {'x bf16':>7} {'x offload':>9}")
+    print(f"{'variant':<26} {'tok/s':>8} {'peak GiB':>9} {'x bf16':>7} {'x offload':>9}  peak GiB per GPU")
     for name, r in results["variants"].items():
         xo = f"{r['tok_s'] / off['tok_s']:.2f}" if off else "-"
-        print(f"{name:<26} {r['tok_s']:>8.2f} {r['peak_vram_gib']:>9.3f} {r['tok_s'] / base['tok_s']:>7.2f} {xo:>9}")
+        per = " + ".join(f"{x:.3f}" for x in r.get("peak_vram_gib_per_gpu", []))
+        print(f"{name:<26} {r['tok_s']:>8.2f} {r['peak_vram_gib']:>9.3f} {r['tok_s'] / base['tok_s']:>7.2f} {xo:>9}  {per}")
     if "cllm-gpu+graphs" in results["variants"] and "bf16-resident+graphs" in results["variants"]:
         v = results["variants"]
         results["graphs_gpu_over_bf16"] = v["cllm-gpu+graphs"]["tok_s"] / v["bf16-resident+graphs"]["tok_s"]
         print(f"with static cache + CUDA graphs on both: cllm gpu / bf16 = {results['graphs_gpu_over_bf16']:.2f}x")
+    if devices:  # ready for benchmarks/RESULTS.md
+        print(f"\n| variant | tok/s (runs) | peak GiB per GPU {devices} | x bf16 1 GPU | blocks per GPU | same tokens |")
+        print("| --- | --- | --- | ---: | --- | --- |")
+        for name, r in results["variants"].items():
+            runs = ", ".join(f"{x:.2f}" for x in r["tok_s_runs"])
+            per = " / ".join(f"{x:.3f}" for x in r.get("peak_vram_gib_per_gpu", []))
+            same = {True: "yes", False: "**no**"}.get(r.get("same_tokens_as_first_tier"), "-")
+            print(f"| {name} | {r['tok_s']:.2f} ({runs}) | {per} | {r['tok_s'] / base['tok_s']:.2f} | "
+                  f"{r.get('blocks_per_gpu', '-')} | {same} |")
     for r in results["variants"].values():
         r.pop("tokens", None)
     if args.json:

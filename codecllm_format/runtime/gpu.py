@@ -103,6 +103,8 @@ class GpuProvider:
         read_ahead: disk tier: groups read ahead from the file into pinned memory by a
             worker thread (read_ahead + 1 pinned buffers of the largest group).
         verbose: print the residency plan (it is always logged at INFO).
+        groups: serve only these layer groups (None: all). A multi-GPU split (runtime/multi.py)
+            gives each device's provider the groups placed on that device.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class GpuProvider:
         verbose: bool = False,
         cpu_fallback=None,
         read_ahead: int = 2,
+        groups: set[int] | None = None,
     ):
         if not torch.cuda.is_available():
             raise DeviceError('device="cuda" but CUDA is not available (no GPU, or a CPU-only PyTorch build)')
@@ -145,6 +148,8 @@ class GpuProvider:
         if residency is None:
             residency = "auto" if max_vram is not None else "host"
         self.layouts = build_layouts(f.index)
+        if groups is not None:
+            self.layouts = {g: lay for g, lay in self.layouts.items() if g in groups}
         self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
         self.plan: ResidencyPlan = plan_residency(
             [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve
