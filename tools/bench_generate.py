@@ -10,6 +10,7 @@ writer. Batch 1, 16-token prompt, greedy, after a warm-up. Prints tok/s, peak VR
 (a) and (b); writes JSON.
 
     python tools/bench_generate.py --shape tinyllama --json out.json
+    python tools/bench_generate.py --shape llama2-7b --tiers disk,host --file-codec ans   # ANS in the file
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def build_reference(shape: str, device: str):
     return model
 
 
-def write_cllm(model, path: Path, threads: int) -> float:
-    """Quantize every 2-D weight on the GPU and write the .cllm with the real writer."""
+def write_cllm(model, path: Path, threads: int, int8_codec: str = "zstd") -> float:
+    """Quantize every 2-D weight on the GPU and write the .cllm with the real writer (int8 streams
+    in `int8_codec`: zstd, or nvCOMP ANS compressed on the GPU)."""
     from codecllm_format.convert import group_of, natural_key
 
     t0 = time.perf_counter()
@@ -71,7 +73,8 @@ def write_cllm(model, path: Path, threads: int) -> float:
     groups: dict[str, list[str]] = {}
     for name in state:
         groups.setdefault(group_of(name), []).append(name)
-    with cf.CllmWriter(path, threads=threads, metadata={"source": "bench_generate random weights"}) as w:
+    with cf.CllmWriter(path, threads=threads, metadata={"source": "bench_generate random weights"},
+                       int8_codec=int8_codec) as w:
         for gname in sorted(groups, key=natural_key):
             w.begin_group(gname)
             for name in sorted(groups[gname], key=natural_key):
@@ -202,12 +205,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported); offload runs once")
+    ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd",
+                    help="codec of the int8 weights in the .cllm (ans: cllm-convert --codec ans; the tiers then use it "
+                    "as stored, the disk tier decodes ANS)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = "cuda"
-    results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results: dict = {"shape": args.shape, "file_codec": args.file_codec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens, "variants": {}}
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, SHAPES[args.shape]["vocab_size"], (1, 16), generator=g).to(dev)
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
     model = build_reference(args.shape, dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     results["bf16_weight_gib"] = weight_bytes / GiB
-    results["write_seconds"] = write_cllm(model, path, args.threads)
+    results["write_seconds"] = write_cllm(model, path, args.threads, args.file_codec)
     results["file_gib"] = path.stat().st_size / GiB
     print(f"wrote {path} ({results['file_gib']:.2f} GiB = {path.stat().st_size / weight_bytes:.3f} of bf16) "
           f"in {results['write_seconds']:.1f} s", flush=True)
@@ -245,7 +251,8 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False)
+        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False,
+                    trust_gpu_codecs=args.file_codec == "ans")  # our own file
         load_s = time.perf_counter() - t0
         loaded = torch.cuda.memory_allocated()
         r = time_generate(lambda p, n: m.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False), prompt,
