@@ -68,7 +68,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=_size, default=C.DEFAULT_CHUNK_SIZE, help="raw bytes per chunk (default 64K; 4K..16M)")
     p.add_argument("--threads", type=int, default=None, help="compression threads (default: all cores)")
     p.add_argument("--keep-regex", help="tensors whose names match this regular expression stay raw (e.g. 'lm_head|embed')")
-    p.add_argument("--codec", choices=("zstd", "ans"), default="zstd",
+    p.add_argument("--codec", choices=("zstd", "ans"), default=None,
                    help="codec of int8 weights: zstd (default; portable, any reader) or ans (nvCOMP ANS, compressed on "
                    "the GPU: the file is GPU-only, loads with no transcoding and decodes ~20x faster from disk; needs "
                    "a CUDA GPU and nvidia-nvcomp >= 6.0)")

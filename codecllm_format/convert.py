@@ -310,7 +310,7 @@ def convert(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     metadata: dict[str, str] | None = None,
-    codec: str = "zstd",
+    codec: str | None = None,
     trust_gpu_codecs: bool = False,
 ) -> ConversionReport:
     """Convert a safetensors checkpoint to .cllm (or an existing .cllm to another int8 codec:
@@ -325,8 +325,9 @@ def convert(
         overwrite: replace an existing output.
         progress: called with increments of input bytes processed.
         on_start: called once with the total input bytes.
-        codec: codec of int8 tensors: "zstd" (default, portable) or "ans" (nvCOMP ANS,
-            compressed on the GPU: a GPU-only file, format 1.1; spec section 11).
+        codec: codec of int8 tensors: "zstd" (None: the default, portable) or "ans" (nvCOMP
+            ANS, compressed on the GPU: a GPU-only file, format 1.1; spec section 11). A .cllm
+            input needs it explicitly (it is then transcoded).
         trust_gpu_codecs: (.cllm input) allow decoding its ANS chunks on the GPU.
 
     Returns:
@@ -336,10 +337,14 @@ def convert(
         ConversionError: bad input, existing output, non-finite weights, out of disk space.
         CodecUnavailable: codec="ans" without a CUDA GPU and nvCOMP >= 6.0 (nothing written).
     """
-    _check_codec(codec)
     if Path(input_path).suffix == ".cllm" and Path(input_path).is_file():
+        if codec is None:
+            raise ConversionError(f"{input_path} is already a .cllm file; to rewrite it with another int8 codec, "
+                                  f"pass --codec ans or --codec zstd")
         return transcode_cllm(input_path, output_path, codec=codec, threads=threads, overwrite=overwrite,
                               trust_gpu_codecs=trust_gpu_codecs, level=level)
+    codec = codec or "zstd"
+    _check_codec(codec)
     if quantize not in ("int8", "none"):
         raise ConversionError(f"--quantize must be int8 or none, got {quantize!r}")
     keep = None
