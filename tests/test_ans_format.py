@@ -361,3 +361,127 @@ def test_transcode_ans_file_without_gpu_writes_nothing(ans_file: Path, tmp_path:
     assert convert_main([str(ans_file), "-o", str(out), "--codec", "zstd", "--trust-gpu-codecs", "-q"]) == 1
     assert "GPU-only codec ANS" in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+# --- the plumbing around nvCOMP, with a stand-in for nvidia.nvcomp on the CPU --------------------------
+# The real bitstream needs a GPU (tests/test_gpu_ans_file.py). Here a stand-in module with the
+# calls codecs/ans.py makes (Codec.encode/decode/get_max_comp_buffer_size, as_array(s),
+# BitstreamKind) and a trivial, non-identity "compression" checks everything around them:
+# packing, offsets, sizes, the writer, the converter, transcoding, trust, verify.
+
+
+class _FakeNvcomp:
+    """Stand-in for nvidia.nvcomp: chunk = b"FANS" + u32 raw length + (raw XOR 0x5A)."""
+
+    __version__ = "6.0.0"
+    BitstreamKind = type("BitstreamKind", (), {"RAW": "RAW"})
+
+    class Codec:
+        def __init__(self, algorithm, bitstream_kind, device_id=None, cuda_stream=0):
+            assert (algorithm, bitstream_kind) == ("ANS", "RAW")
+
+        def get_max_comp_buffer_size(self, arr):
+            return arr.numel() + 64
+
+        def encode(self, srcs, out):
+            sizes = []
+            for s, o in zip(srcs, out):
+                payload = b"FANS" + s.numel().to_bytes(4, "little") + (s.numpy() ^ 0x5A).tobytes()
+                o[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                sizes.append(len(payload))
+            return type("Result", (), {"buffer_sizes": sizes})()
+
+        def decode(self, srcs, out):
+            for s, o in zip(srcs, out):
+                b = s.numpy().tobytes()
+                if b[:4] != b"FANS" or int.from_bytes(b[4:8], "little") != o.numel() or len(b) != 8 + o.numel():
+                    raise RuntimeError("nvcompErrorCannotDecompress")
+                o[:] = torch.from_numpy(np.frombuffer(b[8:], dtype=np.uint8) ^ 0x5A)
+
+    @staticmethod
+    def as_arrays(buf, offsets, sizes, stream=0):
+        return [buf[o : o + n] for o, n in zip(offsets, sizes)]
+
+    @staticmethod
+    def as_array(t, stream=0):
+        return t
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import sys
+
+    from codecllm_format.codecs import ans
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvcomp", _FakeNvcomp)
+    monkeypatch.setattr(ans, "gpu_decoder_unavailable", lambda: None)
+    monkeypatch.setattr(ans, "_cuda_device_and_stream", lambda: (torch.device("cpu"), None))
+
+
+def test_writer_int8_codec_ans_round_trip(fake_gpu, tmp_path: Path):
+    w = torch.randn(70, 300, generator=torch.Generator().manual_seed(8))
+    with CllmWriter(tmp_path / "a.cllm", chunk_size=CS, int8_codec="ans") as wr:
+        wr.begin_group("g")
+        wr.add_tensor("w", w, C.Encoding.INT8_ROW)
+        wr.add_tensor("b", torch.arange(10.0))
+        wr.finish()
+    q, s = quantize_int8_rows(w)
+    blob = (tmp_path / "a.cllm").read_bytes()
+    with cf.open(tmp_path / "a.cllm", trust_gpu_codecs=True) as f:
+        assert f.version == (1, 1)
+        assert [st.codec for st in f.entry("w").streams] == [C.Codec.ANS, C.Codec.ANS]
+        assert f.entry("b").streams[0].codec == C.Codec.ZSTD
+        off = int(f.entry("w").streams[0].chunks["offset"][0])
+        assert blob[off : off + 4] == b"FANS"  # the codec really encoded it
+        raw = f.get_raw("w")
+        assert torch.equal(raw.data, q) and torch.equal(raw.scales, s)
+        assert torch.equal(f.get_tensor("b"), torch.arange(10.0))
+        undecoded: list[str] = []
+        assert f.verify(undecoded=undecoded) == [] and undecoded == []
+    with cf.open(tmp_path / "a.cllm") as f:  # a GPU decoder, but no trust
+        with pytest.raises(TrustRequired, match="'w'"):
+            f.get_tensor("w")
+
+
+def test_convert_codec_ans_and_back_gives_the_zstd_file(fake_gpu, small_safetensors: Path, tmp_path: Path):
+    from codecllm_format.convert import convert
+
+    convert(small_safetensors, tmp_path / "z.cllm", chunk_size=CS)
+    convert(small_safetensors, tmp_path / "a.cllm", chunk_size=CS, codec="ans")
+    assert convert_main([str(tmp_path / "z.cllm"), "--codec", "ans", "-o", str(tmp_path / "t.cllm"), "-q"]) == 0
+    assert convert_main([str(tmp_path / "a.cllm"), "--codec", "zstd", "-o", str(tmp_path / "back.cllm"), "-q"]) == 1
+    assert not (tmp_path / "back.cllm").exists()  # not trusted: nothing written
+    assert convert_main([str(tmp_path / "a.cllm"), "--codec", "zstd", "--trust-gpu-codecs",
+                         "-o", str(tmp_path / "back.cllm"), "-q"]) == 0
+    assert (tmp_path / "back.cllm").read_bytes() == (tmp_path / "z.cllm").read_bytes()
+    with cf.open(tmp_path / "z.cllm") as z, cf.open(tmp_path / "a.cllm", trust_gpu_codecs=True) as a, \
+            cf.open(tmp_path / "t.cllm", trust_gpu_codecs=True) as t:
+        assert a.version == t.version == (1, 1) and a.metadata()["int8_codec"] == "ans (nvCOMP 6.0.0)"
+        for k in z.keys():
+            for other in (a, t):
+                rz, ro = z.get_raw(k), other.get_raw(k)
+                assert torch.equal(rz.data, ro.data) and (rz.scales is None or torch.equal(rz.scales, ro.scales)), k
+
+
+@pytest.mark.parametrize("bad", ["not-ans", "oversized"])
+def test_crafted_ans_chunk_is_refused(fake_gpu, tmp_path: Path, bad: str):
+    """Checksums recomputed: the decoder's failure, or a chunk over nvCOMP's size bound (refused
+    before decoding), is a DecodeError naming the tensor; the sound file decodes."""
+    good = tmp_path / "good.cllm"
+    with CllmWriter(good, chunk_size=CS, int8_codec="ans") as wr:
+        wr.begin_group("g")
+        wr.add_tensor(W, torch.randn(40, 300), C.Encoding.INT8_ROW)
+        wr.finish()
+    blob = good.read_bytes()
+    with cf.open(good, trust_gpu_codecs=True) as f:
+        raw = int(f.entry(W).streams[0].chunks["raw"][0])
+        f.get_tensor(W)
+        assert f.verify() == []
+    data = b"\1" * 100 if bad == "not-ans" else b"FANS" + bytes(raw + 200)
+    path = tmp_path / "crafted.cllm"
+    path.write_bytes(hb.relayout(blob, {(W, 0, 0): data}))
+    with cf.open(path, trust_gpu_codecs=True) as f:
+        with pytest.raises(DecodeError, match="nvCOMP ANS decode failed" if bad == "not-ans" else "bound") as info:
+            f.get_tensor(W)
+        assert W in str(info.value)
+        assert any(W in p for p in f.verify())

@@ -50,6 +50,34 @@ def _align(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
+def _cuda_device_and_stream():
+    """(torch device, torch CUDA stream) for nvCOMP work: a new stream on the current CUDA
+    device. (The CPU tests replace this, and nvidia.nvcomp, with stand-ins to check the
+    plumbing around nvCOMP; the GPU tests run the real thing.)"""
+    import torch  # noqa: PLC0415
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    return dev, torch.cuda.Stream(dev)
+
+
+def _on(stream):
+    """Context that makes `stream` current (no-op without one)."""
+    import contextlib  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _handle(stream) -> int:
+    return stream.cuda_stream if stream is not None else 0
+
+
+def _sync(stream) -> None:
+    if stream is not None:
+        stream.synchronize()
+
+
 def nvcomp_version(nv) -> tuple[int, int]:
     """(major, minor) of an imported nvidia.nvcomp module ((0, 0) when it does not say)."""
     parts = str(getattr(nv, "__version__", "0.0")).split(".")
@@ -126,10 +154,9 @@ class AnsCodec(ChunkCodec):
             import torch  # noqa: PLC0415
 
             nv = importlib.import_module("nvidia.nvcomp")
-            dev = torch.device("cuda", torch.cuda.current_device())
-            stream = torch.cuda.Stream(dev)
+            dev, stream = _cuda_device_and_stream()
             codec = nv.Codec(algorithm="ANS", bitstream_kind=nv.BitstreamKind.RAW, device_id=dev.index,
-                             cuda_stream=stream.cuda_stream)
+                             cuda_stream=_handle(stream))
             state = self._local.state = (nv, torch, dev, stream, codec)
         return state
 
@@ -139,7 +166,7 @@ class AnsCodec(ChunkCodec):
         if hit is None:
             nv, torch, dev, stream, codec = self._gpu(where)
             probe = torch.empty(raw_size, dtype=torch.uint8, device=dev)
-            hit = int(codec.get_max_comp_buffer_size(nv.as_array(probe, stream.cuda_stream)))
+            hit = int(codec.get_max_comp_buffer_size(nv.as_array(probe, _handle(stream))))
             self._max_comp[raw_size] = hit
         return hit
 
@@ -170,20 +197,20 @@ class AnsCodec(ChunkCodec):
         if not chunks:
             return []
         nv, torch, dev, stream, codec = self._gpu("ANS encoding")
-        s = stream.cuda_stream
+        s = _handle(stream)
         host, offsets, sizes = self._pack(torch, chunks, PACK_ALIGNMENT)
         n = len(sizes)
         stride = _align(self.max_compressed_size(max(sizes), "ANS encoding"), PACK_ALIGNMENT)
-        with torch.cuda.stream(stream):
+        with _on(stream):
             src = host.to(dev)
             out = torch.empty(n * stride, dtype=torch.uint8, device=dev)
             srcs = nv.as_arrays(src, offsets, sizes, s)
             outs = nv.as_arrays(out, [i * stride for i in range(n)], [stride] * n, s)
             result = codec.encode(srcs, out=outs)
-            stream.synchronize()
+            _sync(stream)
             comp = [int(x) for x in result.buffer_sizes]
             back = out.cpu().numpy()
-        stream.synchronize()
+        _sync(stream)
         frames = []
         for i, (raw, size) in enumerate(zip(sizes, comp)):
             if not 1 <= size <= stride or raw > size * C.MAX_ZSTD_EXPANSION:
@@ -231,22 +258,22 @@ class AnsCodec(ChunkCodec):
             raise DecodeError(f"{where}: output buffer of {len(out)} bytes for {sum(raw_sizes)} decoded bytes")
         self.check_sizes(frames, raw_sizes, where)
         nv, torch, dev, stream, codec = self._gpu(where)
-        s = stream.cuda_stream
+        s = _handle(stream)
         host, offsets, sizes = self._pack(torch, frames, PACK_ALIGNMENT)
         out_offsets, pos = [], 0
         for n in raw_sizes:
             out_offsets.append(pos)
             pos = _align(pos + n, OUT_ALIGNMENT)
         try:
-            with torch.cuda.stream(stream):
+            with _on(stream):
                 src = host.to(dev)
                 dec = torch.zeros(max(pos, 1), dtype=torch.uint8, device=dev)
                 srcs = nv.as_arrays(src, offsets, sizes, s)
                 outs = nv.as_arrays(dec, out_offsets, list(raw_sizes), s)
                 codec.decode(srcs, out=outs)
-                stream.synchronize()
+                _sync(stream)
                 back = dec.cpu().numpy()
-            stream.synchronize()
+            _sync(stream)
         except CllmError:
             raise
         except Exception as e:  # noqa: BLE001 - nvCOMP reports failures as plain exceptions
