@@ -123,18 +123,20 @@ def test_every_tier_gives_the_zstd_files_logits(files):
         assert torch.equal(got, ref), tier
 
 
-@pytest.mark.parametrize("codec", ["zstd", "ans"])
-def test_in_memory_codec_composes_with_the_file_codec(files, codec):
-    """codec='zstd' on an ANS file transcodes ANS -> nvCOMP zstd at load (round trip checked);
-    codec='ans' on a zstd file transcodes the other way; both give the same logits."""
+def test_in_memory_codec_composes_with_the_file_codec(files):
+    """codec='ans' uses an ANS file as stored and transcodes a zstd file (same logits);
+    codec='zstd' on an ANS file is a clear error (a zstd copy would only decode slower)."""
     ids = torch.randint(4, 40, (1, 10), generator=torch.Generator().manual_seed(5))
     with cf.load(files["zstd"], device="cuda", dtype=torch.float32, residency="host", tokenizer=False, codec="zstd") as z:
+        assert {e.codec for e in z.provider.encoded.values()} == {"zstd"}
         ref = _logits(z, ids)
-    src = files["ans"] if codec == "zstd" else files["zstd"]
-    with cf.load(src, device="cuda", dtype=torch.float32, residency="gpu-compressed", tokenizer=False, codec=codec,
-                 trust_gpu_codecs=True) as m:
-        assert {e.codec for e in m.provider.encoded.values()} == {codec}
-        assert torch.equal(_logits(m, ids), ref)
+    for src in ("ans", "zstd"):
+        with cf.load(files[src], device="cuda", dtype=torch.float32, residency="gpu-compressed", tokenizer=False,
+                     codec="ans", trust_gpu_codecs=True) as m:
+            assert {e.codec for e in m.provider.encoded.values()} == {"ans"}
+            assert torch.equal(_logits(m, ids), ref), src
+    with pytest.raises(cf.CllmError, match="codec='zstd'.*nvCOMP ANS"):
+        cf.load(files["ans"], device="cuda", residency="host", tokenizer=False, codec="zstd", trust_gpu_codecs=True)
 
 
 def test_corrupt_ans_chunk_is_refused_before_the_gpu(files, tmp_path):

@@ -99,7 +99,8 @@ class GpuProvider:
             decodes ~10x faster than zstd) or "auto" (ans). Groups whose file codec (zstd, or ANS
             in a file written with --codec ans) is that codec are used as they are; the others
             are transcoded once at load (round trip checked). The disk tier always reads the
-            file's codec. A file with ANS groups needs f.trust_gpu_codecs (TrustRequired).
+            file's codec. A file with ANS groups needs f.trust_gpu_codecs (TrustRequired), and
+            refuses codec="zstd" (CllmError: an in-memory zstd copy would only decode slower).
         verbose: print the residency plan (it is always logged at INFO).
     """
 
@@ -139,8 +140,12 @@ class GpuProvider:
         if residency is None:
             residency = "auto" if max_vram is not None else "host"
         self.layouts = build_layouts(f.index)
-        if any(lay.codec == "ans" for lay in self.layouts.values()) and not f.trust_gpu_codecs:
-            raise TrustRequired(f"{f.path.name}: its int8 weights are stored with the GPU-only codec ANS; {TRUST_HINT}")
+        if any(lay.codec == "ans" for lay in self.layouts.values()):
+            if not f.trust_gpu_codecs:
+                raise TrustRequired(f"{f.path.name}: its int8 weights are stored with the GPU-only codec ANS; {TRUST_HINT}")
+            if self.codec == "zstd":  # an in-memory zstd copy of ANS chunks would only decode slower
+                raise CllmError(f"codec='zstd': {f.path.name} stores its int8 weights as nvCOMP ANS, which the tiers use "
+                                f"as stored; use codec='auto' (or 'ans'), or load a zstd file")
         self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
         self.plan: ResidencyPlan = plan_residency(
             [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve
