@@ -13,12 +13,13 @@ from .hub import HubError  # noqa: E402
 
 
 def open(path, *, threads: int | None = None, filename: str | None = None, revision: str | None = None,  # noqa: A001
-         token: str | bool | None = None) -> CllmFile:
+         token: str | bool | None = None, trust_gpu_codecs: bool = False) -> CllmFile:
     """Open and validate a .cllm file (see reader.open_cllm). `path` may also be a folder holding
     one .cllm or a Hugging Face repo id / hf:// URI (see codecllm_format.hub.resolve)."""
     from .hub import resolve
 
-    return open_cllm(resolve(path, filename=filename, revision=revision, token=token), threads=threads)
+    return open_cllm(resolve(path, filename=filename, revision=revision, token=token), threads=threads,
+                     trust_gpu_codecs=trust_gpu_codecs)
 
 
 def load(path, *args, **kwargs):

@@ -52,11 +52,14 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             "Memory stays at about twice the largest tensor; the output appears only when complete."
         ),
         epilog="examples:\n  cllm-convert model.safetensors\n  cllm-convert ./Llama-2-7b-hf -o llama2-7b.cllm --threads 8\n"
-        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd",
+        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd\n"
+        "  cllm-convert ./Llama-2-7b-hf --codec ans            # GPU-only file: int8 as nvCOMP ANS (needs a GPU)\n"
+        "  cllm-convert model.cllm --codec ans -o model-ans.cllm   # transcode a .cllm, no re-quantization",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json), a Hugging Face model folder, "
-                   "or a repo id (org/name) already in the local Hugging Face cache (no network)")
+                   "a repo id (org/name) already in the local Hugging Face cache (no network), or a .cllm file to "
+                   "transcode to --codec (int8 values kept bit for bit)")
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
     p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
     p.add_argument("--level", type=int, default=None,
@@ -65,6 +68,12 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=_size, default=C.DEFAULT_CHUNK_SIZE, help="raw bytes per chunk (default 64K; 4K..16M)")
     p.add_argument("--threads", type=int, default=None, help="compression threads (default: all cores)")
     p.add_argument("--keep-regex", help="tensors whose names match this regular expression stay raw (e.g. 'lm_head|embed')")
+    p.add_argument("--codec", choices=("zstd", "ans"), default=None,
+                   help="codec of int8 weights: zstd (default; portable, any reader) or ans (nvCOMP ANS, compressed on "
+                   "the GPU: the file is GPU-only, loads with no transcoding and decodes ~20x faster from disk; needs "
+                   "a CUDA GPU and nvidia-nvcomp >= 6.0)")
+    p.add_argument("--trust-gpu-codecs", action="store_true",
+                   help="(.cllm input with ANS chunks) allow decoding them with nvCOMP; only for files you trust")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -92,7 +101,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         try:
             report = convert(
                 args.input, args.output, quantize=args.quantize, level=args.level, chunk_size=args.chunk_size,
-                threads=args.threads, keep_regex=args.keep_regex, overwrite=args.force,
+                threads=args.threads, keep_regex=args.keep_regex, overwrite=args.force, codec=args.codec,
+                trust_gpu_codecs=args.trust_gpu_codecs,
                 progress=(lambda n: bar.update(n)) if not args.quiet else None, on_start=on_start,
             )
         finally:
@@ -146,6 +156,10 @@ def info_main(argv: Sequence[str] | None = None) -> int:
             print(f"  {alias} -> {target} (tied)")
         print(f"\ntotal: {human(d['file_bytes'])} = {d['ratio_bf16']:.4f} of bf16 ({human(d['bf16_bytes'])}), "
               f"{d['ratio_logical']:.4f} of the original dtypes ({human(d['logical_bytes'])})")
+        if len(d.get("codecs", [])) > 1 or d.get("codecs") == ["ans"]:
+            print(f"codecs: {', '.join(d['codecs'])} (ans chunks are GPU-only: nvCOMP decodes them)")
+        if d.get("floor_skipped"):
+            print(f"floor: not computed ({d['floor_skipped']})")
         if "floor_bytes" in d:
             print(f"floor (order-0 entropy of int8 values + scales, raw tensors as stored): {human(d['floor_bytes'])} = "
                   f"{d['floor_ratio_bf16']:.4f} of bf16; this file is {100 * d['over_floor']:+.2f}% over it")
@@ -167,14 +181,21 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("file", help="the .cllm file to check")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is sound")
+    p.add_argument("--trust-gpu-codecs", action="store_true",
+                   help="decode ANS chunks on the GPU with nvCOMP too (only for files you trust: nvCOMP assumes valid input); "
+                   "without it their checksums and sizes are checked and they are reported as not decoded")
+    p.add_argument("--strict", action="store_true", help="exit 1 when some chunks could not be decoded (ANS without GPU or trust)")
     args = p.parse_args(argv)
 
     def body() -> int:
         from .reader import open_cllm
 
-        with open_cllm(args.file) as f:
-            problems = f.verify()
+        undecoded: list[str] = []
+        with open_cllm(args.file, trust_gpu_codecs=args.trust_gpu_codecs) as f:
+            problems = f.verify(undecoded=undecoded)
             chunks = sum(s.num_chunks for _, _, s in f.index.iter_streams())
+        if undecoded and args.strict:
+            problems = problems + undecoded
         if problems:
             print(f"{args.file}: NOT SOUND — {len(problems)} problem(s):", file=sys.stderr)
             for pr in problems[:100]:
@@ -182,6 +203,11 @@ def verify_main(argv: Sequence[str] | None = None) -> int:
             if len(problems) > 100:
                 print(f"  ... and {len(problems) - 100} more", file=sys.stderr)
             return 1
+        if undecoded:  # sound as far as this process can check: say what it could not
+            print(f"{args.file}: OK, PARTLY — header, index, padding, checksums and sizes of {chunks} chunks verified; "
+                  f"{len(undecoded)} ANS stream(s) not decoded (--strict makes this an error), e.g.\n  {undecoded[0]}",
+                  file=sys.stderr)
+            return 0
         if not args.quiet:
             print(f"{args.file}: OK — header, index and {chunks} chunks verified")
         return 0
@@ -219,6 +245,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     gpu.add_argument("--max-vram", default=None, help="VRAM budget for weights + KV cache, e.g. 6GiB (with --residency auto)")
     gpu.add_argument("--codec", choices=("auto", "zstd", "ans"), default=None,
                      help="in-memory codec of the host/gpu-compressed tiers (default auto = nvCOMP ANS)")
+    gpu.add_argument("--trust-gpu-codecs", action="store_true",
+                     help="allow loading a file whose int8 weights are stored as nvCOMP ANS (cllm-convert --codec ans): "
+                     "nvCOMP decodes them without the checks zstd chunks get; only for files you trust")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
@@ -236,7 +265,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         from .loader import load
 
         try:
-            model = load(args.file, dtype=args.dtype, **where, **runtime)
+            model = load(args.file, dtype=args.dtype, trust_gpu_codecs=args.trust_gpu_codecs, **where, **runtime)
         except ValueError as e:  # a bad --dtype
             raise CllmError(str(e)) from None
         with model:

@@ -116,6 +116,9 @@ class Codec(enum.IntEnum):
 
     ZSTD = 1
     """Each chunk is exactly one standard zstd frame (RFC 8878) with its content size."""
+    ANS = 2
+    """Each chunk is exactly one nvCOMP 6.0 ANS compressed chunk (RAW bitstream, uint8 data):
+    GPU-only (only nvCOMP decodes it), allowed in the streams of INT8_ROW tensors only."""
 
 
 class Checksum(enum.IntEnum):
@@ -126,8 +129,38 @@ class Checksum(enum.IntEnum):
 
 CHECKSUM_ALGORITHM = Checksum.XXH3_64
 
+class _FeatureMinor(dict):
+    """{enum member: minor version}, keyed by (enum class, value): members of different IntEnums
+    with the same value (Encoding.INT8_ROW == Codec.ANS == 2 as ints) are different features,
+    which a plain dict would merge."""
+
+    @staticmethod
+    def _key(member) -> tuple[type, int]:
+        return type(member), int(member)
+
+    def __setitem__(self, member, minor) -> None:
+        super().__setitem__(self._key(member), minor)
+
+    def __getitem__(self, member):
+        return super().__getitem__(self._key(member))
+
+    def __delitem__(self, member) -> None:
+        super().__delitem__(self._key(member))
+
+    def __contains__(self, member) -> bool:
+        return super().__contains__(self._key(member))
+
+    def get(self, member, default=None):
+        return super().get(self._key(member), default)
+
+
 # Minor version that introduced each enum value; values absent here are v1.0.
-FEATURE_MINOR: dict[enum.IntEnum, int] = {}
+FEATURE_MINOR: dict[enum.IntEnum, int] = _FeatureMinor()
+FEATURE_MINOR[Codec.ANS] = 1
+
+GPU_ONLY_CODECS = frozenset({Codec.ANS})
+"""Codecs whose bitstream only a GPU library decodes (nvCOMP): a reader without it can open the
+file, check every checksum and read everything else, but not decode these chunks."""
 
 
 def minor_version_for(encodings, codecs) -> int:

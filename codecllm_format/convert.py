@@ -25,7 +25,7 @@ from .errors import CllmError, ConversionError
 from .hub import checkpoint_source, source_card_metadata
 from .hub import default_output as hub_default_output
 from .quant import NonFiniteError, quantize_int8_rows
-from .stats import human
+from .stats import bf16_size, human
 from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
 
 EMBEDDED_FILES = (
@@ -310,8 +310,11 @@ def convert(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     metadata: dict[str, str] | None = None,
+    codec: str | None = None,
+    trust_gpu_codecs: bool = False,
 ) -> ConversionReport:
-    """Convert a safetensors checkpoint to .cllm.
+    """Convert a safetensors checkpoint to .cllm (or an existing .cllm to another int8 codec:
+    see transcode_cllm, used when `input_path` is a .cllm file).
 
     Args:
         input_path: a .safetensors file, a sharded folder or index, or an HF model folder.
@@ -322,13 +325,26 @@ def convert(
         overwrite: replace an existing output.
         progress: called with increments of input bytes processed.
         on_start: called once with the total input bytes.
+        codec: codec of int8 tensors: "zstd" (None: the default, portable) or "ans" (nvCOMP
+            ANS, compressed on the GPU: a GPU-only file, format 1.1; spec section 11). A .cllm
+            input needs it explicitly (it is then transcoded).
+        trust_gpu_codecs: (.cllm input) allow decoding its ANS chunks on the GPU.
 
     Returns:
         A ConversionReport.
 
     Raises:
         ConversionError: bad input, existing output, non-finite weights, out of disk space.
+        CodecUnavailable: codec="ans" without a CUDA GPU and nvCOMP >= 6.0 (nothing written).
     """
+    if Path(input_path).suffix == ".cllm" and Path(input_path).is_file():
+        if codec is None:
+            raise ConversionError(f"{input_path} is already a .cllm file; to rewrite it with another int8 codec, "
+                                  f"pass --codec ans or --codec zstd")
+        return transcode_cllm(input_path, output_path, codec=codec, threads=threads, overwrite=overwrite,
+                              trust_gpu_codecs=trust_gpu_codecs, level=level)
+    codec = codec or "zstd"
+    _check_codec(codec)
     if quantize not in ("int8", "none"):
         raise ConversionError(f"--quantize must be int8 or none, got {quantize!r}")
     keep = None
@@ -376,6 +392,8 @@ def convert(
         except (ValueError, AttributeError, TypeError):
             raise ConversionError(f"{ckpt.aux_dir / 'config.json'}: not valid JSON") from None
     meta.update(source_card_metadata(ckpt.aux_dir))  # the source model card's license
+    if codec == "ans":
+        meta["int8_codec"] = _ans_label()
     meta.update(metadata or {})
 
     groups: dict[str, list[SourceTensor]] = {}
@@ -424,7 +442,8 @@ def convert(
         # the writer's zstd threads do the parallel work; torch's own intra-op threads would
         # only fight them (and the 1 MiB quantization blocks are too small to split)
         torch.set_num_threads(1)
-        with CllmWriter(out, chunk_size=chunk_size, level=level, threads=threads or os.cpu_count() or 1, metadata=meta) as w:
+        with CllmWriter(out, chunk_size=chunk_size, level=level, threads=threads or os.cpu_count() or 1, metadata=meta,
+                        int8_codec=codec) as w:
             began: set[str] = set()
             nxt = pool.submit(prepare, order[0][1]) if order else None
             for i, (gname, st) in enumerate(order):
@@ -474,3 +493,129 @@ def convert(
         files=list(side_files),
         output=out,
     )
+
+
+# --- int8 codec choice and .cllm -> .cllm transcoding ------------------------------------------
+
+
+def _check_codec(codec: str) -> None:
+    """Fail fast (before reading or writing anything) on an unknown codec, or on "ans" without
+    a GPU encoder."""
+    if codec not in ("zstd", "ans"):
+        raise ConversionError(f"--codec must be zstd or ans, got {codec!r}")
+    if codec == "ans":
+        from .codecs.ans import gpu_decoder_unavailable  # noqa: PLC0415
+        from .errors import CodecUnavailable  # noqa: PLC0415
+
+        reason = gpu_decoder_unavailable()
+        if reason is not None:
+            raise CodecUnavailable(f"--codec ans compresses int8 weights on a GPU with nvCOMP: {reason}; nothing was written")
+
+
+def _ans_label() -> str:
+    """Informative metadata value naming the ANS encoder (metadata never changes decoding)."""
+    try:
+        import importlib  # noqa: PLC0415
+
+        return f"ans (nvCOMP {importlib.import_module('nvidia.nvcomp').__version__})"
+    except Exception:  # noqa: BLE001
+        return "ans"
+
+
+def transcode_cllm(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    *,
+    codec: str = "ans",
+    threads: int | None = None,
+    overwrite: bool = False,
+    trust_gpu_codecs: bool = False,
+    level: int | None = None,
+) -> ConversionReport:
+    """Rewrite a .cllm file with another codec for its int8_row tensors, without re-quantizing:
+    the int8 values and scales are decoded and re-compressed bit for bit (zstd -> ANS on a GPU,
+    or ANS -> zstd), streams already in the target codec and RAW tensors are copied chunk by
+    chunk (checksums checked), groups, aliases, embedded files and metadata are kept.
+
+    Args:
+        input_path: the source .cllm; output_path: the target (default: INPUT-CODEC.cllm).
+        codec: "ans" or "zstd"; threads, level: zstd settings of re-compressed streams.
+        trust_gpu_codecs: allow decoding the source's ANS chunks on the GPU (ANS -> zstd).
+
+    Raises:
+        ConversionError: missing input, existing output, output == input, write failure.
+        CodecUnavailable, TrustRequired: ANS work without a GPU / without trust (nothing written).
+        FormatError: the source file is not sound.
+    """
+    from .index import Stream  # noqa: PLC0415
+    from .reader import open_cllm  # noqa: PLC0415
+    from .writer import DTYPE_TO_TORCH, PrecompressedStream  # noqa: PLC0415
+
+    _check_codec(codec)
+    t0 = time.perf_counter()
+    src_path = Path(input_path)
+    if not src_path.is_file():
+        raise ConversionError(f"{src_path}: no such file")
+    out = Path(output_path) if output_path is not None else src_path.with_name(f"{src_path.stem}-{codec}.cllm")
+    if out.is_dir():
+        raise ConversionError(f"{out}: output is a folder")
+    if out.exists() and out.resolve() == src_path.resolve():
+        raise ConversionError(f"{out}: output would overwrite the input")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} exists (pass --force to overwrite)")
+    clean_stale_partials(out)
+    target = C.Codec.ANS if codec == "ans" else C.Codec.ZSTD
+    with open_cllm(src_path, trust_gpu_codecs=trust_gpu_codecs) as f:
+        index = f.index
+        int8_cs = next((t.streams[0].chunk_size for t in index.tensors if t.encoding == C.Encoding.INT8_ROW),
+                       C.DEFAULT_CHUNK_SIZE)
+        meta = dict(index.metadata)
+        meta[C.META_CREATED_BY] = f"codecllm-format {__version__}"
+        meta.pop("int8_codec", None)
+        if codec == "ans":
+            meta["int8_codec"] = _ans_label()
+        by_group: dict[int, list] = {}
+        for t in index.tensors:
+            by_group.setdefault(t.group, []).append(t)
+
+        def copied(stream: Stream, where: str) -> PrecompressedStream:
+            views = f.stored_chunks(stream, where)  # checksums checked
+            try:
+                chunks = [bytes(v) for v in views]
+            finally:
+                for v in views:
+                    v.release()
+            return PrecompressedStream(stream.codec, stream.length, stream.chunk_size, chunks)
+
+        int8 = 0
+        try:
+            with CllmWriter(out, chunk_size=int8_cs, level=level, threads=threads or os.cpu_count() or 1,
+                            metadata=meta, int8_codec=codec) as w:
+                for gid, g in enumerate(index.groups):
+                    if g.name == C.FILES_GROUP:
+                        continue
+                    w.begin_group(g.name)
+                    for t in by_group.get(gid, []):
+                        where = f"tensor {t.name!r}"
+                        if t.encoding == C.Encoding.INT8_ROW:
+                            int8 += 1
+                        if t.encoding == C.Encoding.INT8_ROW and any(s.codec != target for s in t.streams):
+                            raw = f.get_raw(t.name)
+                            w.add_int8_tensor(t.name, raw.data, raw.scales, dtype=DTYPE_TO_TORCH[t.dtype])
+                            del raw
+                        else:
+                            w.add_precompressed_tensor(t.name, t.shape, t.dtype, t.encoding,
+                                                       [copied(s, where) for s in t.streams])
+                for alias, tgt in index.aliases.items():
+                    w.add_alias(alias, tgt)
+                for name in f.file_names():
+                    w.add_file(name, f.read_file(name))
+                w.finish()
+        except OSError as e:
+            raise ConversionError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+        report = ConversionReport(
+            input_bytes=f.file_size, bf16_bytes=sum(bf16_size(t) for t in index.tensors),
+            output_bytes=out.stat().st_size, seconds=time.perf_counter() - t0, tensors=len(index.tensors),
+            int8_tensors=int8, aliases=dict(index.aliases), files=f.file_names(), output=out,
+        )
+    return report

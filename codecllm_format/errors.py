@@ -44,6 +44,12 @@ class CodecUnavailable(CllmError, RuntimeError):
     """A codec or backend the operation needs is not installed (e.g. nvCOMP)."""
 
 
+class TrustRequired(CllmError):
+    """Decoding the file needs a decoder that assumes valid input and whose bitstream cannot be
+    checked on the CPU (nvCOMP ANS): refused unless the caller trusts the file
+    (trust_gpu_codecs=True, --trust-gpu-codecs)."""
+
+
 class ConversionError(CllmError):
     """The converter's input is missing, unreadable or unsupported."""
 
@@ -67,6 +73,7 @@ __all__ = [
     "ChecksumError",
     "DecodeError",
     "CodecUnavailable",
+    "TrustRequired",
     "ConversionError",
     "LoadError",
     "DeviceError",

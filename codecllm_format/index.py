@@ -407,6 +407,30 @@ def _check_files_group(tensors, groups, files) -> None:
             raise IndexSchemaError(f"tensor {t.name!r} is in the {C.FILES_GROUP!r} group")
 
 
+def _check_gpu_codecs(tensors, files) -> None:
+    """GPU-only codecs (ANS) appear only in the streams of INT8_ROW tensors, and all INT8_ROW
+    streams of one group share one codec (a group is one batched GPU decode); embedded files
+    and RAW tensors stay readable by every reader."""
+    group_codec: dict[int, tuple[C.Codec, str]] = {}
+    for t in tensors:
+        for j, s in enumerate(t.streams):
+            if s.codec in C.GPU_ONLY_CODECS and t.encoding != C.Encoding.INT8_ROW:
+                raise IndexSchemaError(
+                    f"tensor {t.name!r}.streams[{j}]: codec {s.codec.name} is allowed only in the streams of "
+                    f"INT8_ROW tensors, this one is {t.encoding.name}"
+                )
+            if t.encoding == C.Encoding.INT8_ROW:
+                first = group_codec.setdefault(t.group, (s.codec, t.name))
+                if first[0] != s.codec:
+                    raise IndexSchemaError(
+                        f"tensor {t.name!r}.streams[{j}]: codec {s.codec.name}, but INT8_ROW tensor {first[1]!r} of "
+                        f"the same group uses {first[0].name} (one codec for all INT8_ROW streams of a group)"
+                    )
+    for f in files:
+        if f.stream.codec in C.GPU_ONLY_CODECS:
+            raise IndexSchemaError(f"file {f.name!r}: codec {f.stream.codec.name} is not allowed for embedded files")
+
+
 def decode_index(data: bytes | memoryview, index_offset: int) -> Index:
     """Parse and validate index bytes. `index_offset` (from the header) bounds the data region.
 
@@ -488,12 +512,18 @@ def decode_index(data: bytes | memoryview, index_offset: int) -> Index:
         if not isinstance(v, str):
             raise IndexSchemaError(f"metadata[{k!r}]: expected a string value, got {type(v).__name__}")
 
+    _check_gpu_codecs(tensors, files)
     _check_files_group(tensors, groups, files)
     index = Index(
         tensors=tensors, groups=tuple(groups), aliases=aliases, files=tuple(files), metadata=dict(meta_raw)
     )
     _check_layout(index, index_offset)
     return index
+
+
+def gpu_only_streams(index: Index) -> list[tuple[str, Stream]]:
+    """(tensor name, stream) of every stream stored with a GPU-only codec (ANS)."""
+    return [(t.name, s) for t in index.tensors for s in t.streams if s.codec in C.GPU_ONLY_CODECS]
 
 
 def index_minor_version(index: Index) -> int:
@@ -510,8 +540,10 @@ def check_minor_version(index: Index, minor: int) -> None:
     """
     needed = index_minor_version(index)
     if minor < needed:
-        used = sorted({t.encoding for t in index.tensors} | {s.codec for t in index.tensors for s in t.streams}
-                      | {f.stream.codec for f in index.files}, key=lambda v: (type(v).__name__, v))
+        # keyed by (enum, value): Encoding.INT8_ROW and Codec.ANS are equal as ints
+        members = [t.encoding for t in index.tensors] + [s.codec for t in index.tensors for s in t.streams] + [
+            f.stream.codec for f in index.files]
+        used = sorted({(type(v).__name__, int(v)): v for v in members}.values(), key=lambda v: (type(v).__name__, v))
         newer = [f"{type(v).__name__.lower()} {v.name}" for v in used if C.FEATURE_MINOR.get(v, 0) > minor]
         raise UnsupportedVersion(f"the file says format 1.{minor}, but uses {', '.join(newer)}, "
                                  f"which needs minor {needed}")

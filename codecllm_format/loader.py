@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import constants as C
-from .errors import DeviceError, LoadError
+from .errors import CodecUnavailable, DeviceError, LoadError, TrustRequired
 from .hub import resolve as resolve_path
 from .reader import CllmFile, open_cllm
 from .runtime.modules import CompressedEmbedding, CompressedLinear
@@ -763,6 +763,7 @@ def load(
     filename: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
+    trust_gpu_codecs: bool = False,
     **runtime_options: Any,
 ) -> CllmModel:
     """Load a .cllm file as a runnable model whose int8 weights stay compressed.
@@ -785,6 +786,9 @@ def load(
         task: build the Auto class of this task (see TASKS) instead of config.architectures.
         auto_class: a transformers class (or its name) to build, overriding task/architectures.
         tokenizer: load the embedded tokenizer (False skips it).
+        trust_gpu_codecs: needed to load a file whose int8 weights are stored as nvCOMP ANS
+            (`cllm-convert --codec ans`; GPU only): nvCOMP's ANS decoder assumes valid input and
+            an ANS chunk cannot be checked on the CPU, so pass True only for files you trust.
         **runtime_options: passed to the provider's constructor (threads=; GPU: residency=, max_vram=, ...).
 
     Returns:
@@ -798,6 +802,8 @@ def load(
         LoadError: no embedded config, an architecture transformers cannot build, tensors that do
             not match the model's parameters; with device_map: a model without transformer
             blocks, budgets that cannot hold the split, a max_vram spec that is not understood.
+        CodecUnavailable: an ANS file on a device other than CUDA (before anything is built).
+        TrustRequired: an ANS file without trust_gpu_codecs=True (before anything is built).
     """
     devices = None
     if device_map is None:
@@ -813,19 +819,21 @@ def load(
     if devices is not None:
         from .runtime.multi import gpu_factory as factory
     return _load_resolved(path, dev, provider_cls, dtype, task=task, auto_class=auto_class, tokenizer=tokenizer,
-                          devices=devices, factory=factory, runtime_options=runtime_options)
+                          devices=devices, factory=factory, runtime_options=runtime_options,
+                          trust_gpu_codecs=trust_gpu_codecs)
 
 
 def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | None, *, task=None, auto_class=None,
                    tokenizer: bool = True, devices: list[torch.device] | None = None, factory=None,
-                   runtime_options: dict | None = None) -> CllmModel:
+                   runtime_options: dict | None = None, trust_gpu_codecs: bool = False) -> CllmModel:
     """load() after the arguments were checked: `devices` (with `factory`, see
     runtime/multi.py) splits the model over those devices; None loads it on `dev` with one
     `provider_cls`. CPU tests call it with devices=[cpu, cpu] to run the split's code path."""
     runtime_options = dict(runtime_options or {})
-    cllm = open_cllm(path)
+    cllm = open_cllm(path, trust_gpu_codecs=trust_gpu_codecs)
     provider = None
     try:
+        _check_gpu_only_codecs(cllm, dev, trust_gpu_codecs)
         with tempfile.TemporaryDirectory(prefix="cllm-load-") as tmp:
             folder = Path(tmp)
             _write_embedded_files(cllm, folder)
@@ -871,6 +879,24 @@ def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | N
             provider.close()
         cllm.close()
         raise
+
+
+def _check_gpu_only_codecs(cllm: CllmFile, device: torch.device, trusted: bool) -> None:
+    """A file with GPU-only (ANS) int8 streams loads only on CUDA, and only when trusted."""
+    codecs = cllm.gpu_only_codecs
+    if not codecs:
+        return
+    from .codecs.ans import CONVERT_HINT, TRUST_HINT  # noqa: PLC0415
+
+    names = ", ".join(sorted(c.name for c in codecs))
+    if device.type != "cuda":
+        raise CodecUnavailable(
+            f"{cllm.path.name}: its int8 weights are stored with the GPU-only codec {names} (cllm-convert --codec ans), "
+            f"which only nvCOMP on a CUDA GPU decodes: load it with device='cuda' and nvidia-nvcomp >= 6.0 installed, "
+            f"{CONVERT_HINT}"
+        )
+    if not trusted:
+        raise TrustRequired(f"{cllm.path.name}: its int8 weights are stored with the GPU-only codec {names}; {TRUST_HINT}")
 
 
 def _load_generation_config(model, folder: Path) -> None:

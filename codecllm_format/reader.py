@@ -23,11 +23,13 @@ from .codecs import get_codec
 from .errors import (
     ChecksumError,
     CllmError,
+    CodecUnavailable,
     DecodeError,
     FormatError,
     LayoutError,
     NotACllmFile,
     TruncatedFile,
+    TrustRequired,
     UnsupportedVersion,
 )
 from .index import Index, Stream, TensorEntry, align_up, check_minor_version, decode_index
@@ -106,11 +108,15 @@ class CllmFile:
     Args:
         path: the file.
         threads: CPU threads for zstd decoding.
+        trust_gpu_codecs: allow decoding chunks of GPU-only codecs (ANS) with nvCOMP, whose
+            decoder assumes valid input (see SECURITY.md). Opening, checksums and every zstd
+            stream work without it.
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, trust_gpu_codecs: bool = False):
         self.path = Path(path)
         self.threads = threads or min(4, os.cpu_count() or 1)
+        self.trust_gpu_codecs = bool(trust_gpu_codecs)
         self._mm: mmap.mmap | None = None
         try:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
@@ -214,8 +220,14 @@ class CllmFile:
 
     def _codec(self, codec_id: C.Codec):
         if codec_id not in self._codecs:
-            self._codecs[codec_id] = get_codec(codec_id)
+            gpu_only = codec_id in C.GPU_ONLY_CODECS  # only nvCOMP decodes them: trust is the caller's call
+            self._codecs[codec_id] = get_codec(codec_id, **({"trusted": self.trust_gpu_codecs} if gpu_only else {}))
         return self._codecs[codec_id]
+
+    @property
+    def gpu_only_codecs(self) -> set[C.Codec]:
+        """GPU-only codecs (ANS) this file's streams use (empty for a portable zstd file)."""
+        return {s.codec for _n, _g, s in self.index.iter_streams() if s.codec in C.GPU_ONLY_CODECS}
 
     def stored_chunks(self, stream: Stream, where: str = "", verify: bool = True) -> list[memoryview]:
         """Zero-copy views of a stream's stored chunks, checksums checked unless verify=False."""
@@ -291,14 +303,22 @@ class CllmFile:
 
     # --- verification ------------------------------------------------------------------
 
-    def verify(self) -> list[str]:
+    def verify(self, *, undecoded: list[str] | None = None) -> list[str]:
         """Check every chunk's checksum, strictly decode every chunk, and check that all
-        padding is zero. Returns a list of problems (empty when the file is sound)."""
+        padding is zero. Returns a list of problems (empty when the file is sound).
+
+        Chunks of a GPU-only codec (ANS) are decoded on the GPU (nvCOMP, trust_gpu_codecs=True).
+        Where that is not possible (no GPU/nvCOMP, or not trusted), their checksums and sizes are
+        still checked; each such stream is then reported in `undecoded` when a list is given,
+        else as a problem (so an empty result always means every chunk was decoded)."""
         problems: list[str] = []
         mm = self._buf()
         prev_end = C.HEADER_SIZE
         for name, _gid, stream in self.index.iter_streams():
             codec = self._codec(stream.codec)
+            if stream.codec in C.GPU_ONLY_CODECS:
+                prev_end = self._verify_gpu_stream(name, stream, codec, prev_end, problems, undecoded)
+                continue
             for i, (off, stored, raw, checksum) in enumerate(stream.chunks.tolist()):
                 where = f"{name!r} chunk {i} at offset {off}"
                 if any(mm[prev_end:off]):
@@ -319,16 +339,57 @@ class CllmFile:
             problems.append(f"non-zero padding in [{prev_end}, {self.header.index_offset}) before the index")
         return problems
 
+    def _verify_gpu_stream(self, name: str, stream: Stream, codec, prev_end: int, problems: list[str],
+                           undecoded: list[str] | None) -> int:
+        """verify() of one stream of a GPU-only codec: padding, checksums and size rules per
+        chunk, then one batched GPU decode of the chunks that passed. Returns the stream's end."""
+        from .codecs.ans import check_ans_chunk_sizes  # noqa: PLC0415
+
+        mm = self._buf()
+        views, raws = [], []
+        try:
+            for i, (off, stored, raw, checksum) in enumerate(stream.chunks.tolist()):
+                where = f"{name!r} chunk {i} at offset {off}"
+                if any(mm[prev_end:off]):
+                    problems.append(f"non-zero padding in [{prev_end}, {off}) before {where}")
+                prev_end = off + stored
+                view = memoryview(mm)[off : off + stored]
+                actual = xxh3_64(view)
+                if actual != checksum:
+                    problems.append(f"{where}: checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
+                    view.release()
+                    continue
+                try:
+                    check_ans_chunk_sizes(stored, raw, where)
+                except CllmError as e:
+                    problems.append(str(e))
+                    view.release()
+                    continue
+                views.append(view)
+                raws.append(raw)
+            if views:
+                try:
+                    codec.decode_into(views, raws, memoryview(bytearray(sum(raws))), where=f"{name!r}")
+                except (CodecUnavailable, TrustRequired) as e:
+                    note = f"{name!r}: {len(views)} {stream.codec.name} chunk(s) checksummed but not decoded ({e})"
+                    (undecoded if undecoded is not None else problems).append(note)
+                except CllmError as e:
+                    problems.append(str(e))
+        finally:
+            for v in views:
+                v.release()
+        return prev_end
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.keys():
             yield name, self.get_tensor(name)
 
 
-def open_cllm(path: str | os.PathLike, *, threads: int | None = None) -> CllmFile:
-    """Open and validate a .cllm file. Use as a context manager.
+def open_cllm(path: str | os.PathLike, *, threads: int | None = None, trust_gpu_codecs: bool = False) -> CllmFile:
+    """Open and validate a .cllm file. Use as a context manager. `trust_gpu_codecs`: see CllmFile.
 
     Raises:
         CllmError (and subclasses): missing file, not a .cllm file, unsupported version,
         truncation, checksum or layout problems.
     """
-    return CllmFile(path, threads=threads)
+    return CllmFile(path, threads=threads, trust_gpu_codecs=trust_gpu_codecs)

@@ -34,6 +34,9 @@ def describe(f: CllmFile, floor: bool = True) -> dict:
     """Everything cllm-info prints, as a JSON-serialisable dict."""
     tensors = []
     total_floor = 0.0
+    floor_skipped = None
+    if floor and f.gpu_only_codecs:  # the floor decodes every int8 tensor: not on the CPU
+        floor, floor_skipped = False, "int8 streams use the GPU-only codec ANS"
     for e in f.index.tensors:
         row = {
             "name": e.name,
@@ -78,9 +81,12 @@ def describe(f: CllmFile, floor: bool = True) -> dict:
         "ratio_bf16": f.file_size / bf16_total if bf16_total else None,
         "ratio_logical": f.file_size / logical_total if logical_total else None,
         "files": {fe.name: fe.stream.length for fe in f.index.files},
+        "codecs": sorted({s.codec.name.lower() for _n, _g, s in f.index.iter_streams()}),
         "metadata": f.metadata(),
         "tensors": tensors,
     }
+    if floor_skipped:
+        out["floor_skipped"] = floor_skipped
     if floor:
         out["floor_bytes"] = total_floor
         out["floor_ratio_bf16"] = total_floor / bf16_total if bf16_total else None

@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 import os
 import secrets
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ import torch
 from . import constants as C
 from .checksums import xxh3_64
 from .codecs import get_codec
-from .errors import CllmError
+from .codecs.zstd import check_frame_structure
+from .errors import CllmError, CodecUnavailable
 from .index import (
     CHUNK_DTYPE,
     EmbeddedFile,
@@ -31,6 +33,7 @@ from .index import (
     TensorEntry,
     align_up,
     encode_index,
+    expected_stream_lengths,
     index_minor_version,
 )
 from .quant import quantize_int8_rows
@@ -69,6 +72,27 @@ TORCH_TO_DTYPE = {
 DTYPE_TO_TORCH = {v: k for k, v in TORCH_TO_DTYPE.items()}
 
 
+@dataclass(frozen=True)
+class PrecompressedStream:
+    """A stream whose chunks were compressed elsewhere (e.g. on a GPU, or copied from another
+    .cllm file), for CllmWriter.add_precompressed_tensor.
+
+    Attributes:
+        codec: the codec of every chunk.
+        length: decoded length of the stream in bytes.
+        chunk_size: decoded bytes per chunk (the last chunk holds the rest).
+        chunks: the stored bytes of each chunk, in order.
+        raw_lengths: decoded bytes of each chunk; None: derived from length and chunk_size
+            (when given, they must equal that chunking).
+    """
+
+    codec: C.Codec
+    length: int
+    chunk_size: int
+    chunks: Sequence
+    raw_lengths: Sequence[int] | None = None
+
+
 class WriterState(enum.Enum):
     NEW = "new"
     OPEN = "open"
@@ -100,6 +124,14 @@ class CllmWriter:
             FILE_LEVEL for embedded files.
         threads: compression threads (zstandard releases the GIL).
         metadata: free string key/values stored in the index.
+        int8_codec: codec of both streams (values and scales) of int8_row tensors: "zstd"
+            (default, portable) or "ans" (nvCOMP ANS, compressed on the GPU; the file is then
+            GPU-only for those tensors and says format 1.1). RAW tensors and embedded files
+            always use zstd.
+
+    Raises:
+        CodecUnavailable: int8_codec="ans" without a CUDA GPU and nvCOMP >= 6.0 (before
+            anything is written).
     """
 
     def __init__(
@@ -110,7 +142,10 @@ class CllmWriter:
         level: int | None = None,
         threads: int = 1,
         metadata: dict[str, str] | None = None,
+        int8_codec: str = "zstd",
     ):
+        if int8_codec not in ("zstd", "ans"):
+            raise ValueError(f"int8_codec must be 'zstd' or 'ans', got {int8_codec!r}")
         if not C.MIN_CHUNK_SIZE <= chunk_size <= C.MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in [{C.MIN_CHUNK_SIZE}, {C.MAX_CHUNK_SIZE}], got {chunk_size}")
         self.path = Path(path)
@@ -120,6 +155,14 @@ class CllmWriter:
         self.int8_codec = get_codec(C.Codec.ZSTD, level=INT8_LEVEL if level is None else level)
         self.small_codec = get_codec(C.Codec.ZSTD, level=SMALL_STREAM_LEVEL if level is None else level)
         self.file_codec = get_codec(C.Codec.ZSTD, level=FILE_LEVEL if level is None else level)
+        self.int8_scale_codec = None  # None: scales by size, as raw tensors
+        if int8_codec == "ans":
+            from .codecs.ans import gpu_decoder_unavailable  # noqa: PLC0415
+
+            reason = gpu_decoder_unavailable()
+            if reason is not None:
+                raise CodecUnavailable(f"int8_codec='ans' compresses on the GPU with nvCOMP: {reason}")
+            self.int8_codec = self.int8_scale_codec = get_codec(C.Codec.ANS)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         if len(self.metadata) > C.MAX_METADATA_ENTRIES or any(
             not k or len(k) > C.MAX_NAME_LENGTH or len(v.encode()) > C.MAX_METADATA_VALUE_LENGTH
@@ -138,6 +181,8 @@ class CllmWriter:
         self._tmp: Path | None = None
         self._pos = 0
         self._group_start: int | None = None
+        self._group_int8_codec: tuple[C.Codec, str] | None = None
+        """(codec, first tensor) of the current group's int8_row streams: one codec per group."""
 
     # --- state ----------------------------------------------------------------------
 
@@ -203,6 +248,7 @@ class CllmWriter:
         self._groups.append(Group(name=name, offset=self._pos, length=0))
         self._group_names.add(name)
         self._group_start = self._pos
+        self._group_int8_codec = None
 
     def _write_stream(self, data: memoryview, progress: Callable[[int], None] | None, scale: float | Fraction,
                       chunk_size: int | None = None, codec=None) -> Stream:
@@ -231,6 +277,48 @@ class CllmWriter:
                 progress(int(done * scale) - int(b0 * scale))
         records.flags.writeable = False
         return Stream(codec=codec.codec_id, length=length, chunk_size=cs, chunks=records)
+
+    def _write_precompressed(self, ps: PrecompressedStream, where: str) -> Stream:
+        """Write chunks compressed elsewhere: same alignment, records and checksums as
+        _write_stream. Checks the chunking, sizes and (zstd) frame structure first."""
+        if self._group_start is None:
+            raise RuntimeError("begin_group() must be called before writing data")
+        cs, length = int(ps.chunk_size), int(ps.length)
+        if not C.MIN_CHUNK_SIZE <= cs <= C.MAX_CHUNK_SIZE or length < 0:
+            raise ValueError(f"{where}: chunk_size {cs} or length {length} out of range")
+        n = -(-length // cs)
+        raws = [cs] * n
+        if n:
+            raws[-1] = length - (n - 1) * cs
+        if ps.raw_lengths is not None and [int(r) for r in ps.raw_lengths] != raws:
+            raise ValueError(f"{where}: raw lengths {list(ps.raw_lengths)[:4]}... are not {length} bytes in chunks of {cs}")
+        frames = [memoryview(f).cast("B") for f in ps.chunks]
+        if len(frames) != n:
+            raise ValueError(f"{where}: {len(frames)} chunks, {length} bytes in chunks of {cs} need {n}")
+        codec_id = C.Codec(ps.codec)
+        for i, (frame, raw) in enumerate(zip(frames, raws)):
+            if not len(frame) or raw > len(frame) * C.MAX_ZSTD_EXPANSION or len(frame) >= 1 << 32:
+                raise ValueError(f"{where}: chunk {i} stores {len(frame)} bytes for {raw} raw bytes")
+            if codec_id == C.Codec.ZSTD:
+                check_frame_structure(frame, raw, f"{where} chunk {i}")
+        records = np.zeros(n, dtype=CHUNK_DTYPE)
+        for i, (frame, raw) in enumerate(zip(frames, raws)):
+            self._pad_to(C.CHUNK_ALIGNMENT)
+            records[i] = (self._pos, len(frame), raw, xxh3_64(frame))
+            self._fh.write(frame)
+            self._pos += len(frame)
+        records.flags.writeable = False
+        return Stream(codec=codec_id, length=length, chunk_size=cs, chunks=records)
+
+    def _note_int8_codec(self, name: str, codecs) -> None:
+        """All int8_row streams of a group share one codec (spec 11: one batched decode)."""
+        for codec in codecs:
+            first = self._group_int8_codec
+            if first is None:
+                self._group_int8_codec = (C.Codec(codec), name)
+            elif first[0] != codec:
+                raise ValueError(f"tensor {name!r}: codec {C.Codec(codec).name}, but int8_row tensor {first[1]!r} of this "
+                                 f"group uses {first[0].name} (one codec for all int8_row streams of a group)")
 
     def _claim_name(self, name: str) -> None:
         if not name or len(name) > C.MAX_NAME_LENGTH:
@@ -274,6 +362,7 @@ class CllmWriter:
             if tensor.dim() != 2 or dtype not in C.FLOAT_DTYPES:
                 raise ValueError(f"tensor {name!r}: int8_row needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
             q, scales = quantize_int8_rows(tensor)
+            self._note_int8_codec(name, (self.int8_codec.codec_id,))
             streams = self._write_int8_streams(q, scales, progress, in_bytes)
             del q, scales
         else:
@@ -299,7 +388,7 @@ class CllmWriter:
         return (
             self._write_stream(tensor_bytes(q), progress, Fraction(q_share, max(1, q_bytes)), codec=self.int8_codec),
             self._write_stream(tensor_bytes(scales), progress, Fraction(in_bytes - q_share, max(1, s_bytes)),
-                               codec=self.small_codec if s_bytes <= SMALL_STREAM_BYTES else self.codec),
+                               codec=self.int8_scale_codec or (self.small_codec if s_bytes <= SMALL_STREAM_BYTES else self.codec)),
         )
 
     def add_int8_tensor(
@@ -319,11 +408,60 @@ class CllmWriter:
         if dtype not in TORCH_TO_DTYPE or TORCH_TO_DTYPE[dtype] not in C.FLOAT_DTYPES:
             raise ValueError(f"tensor {name!r}: logical dtype must be a float dtype, got {dtype}")
         self._claim_name(name)
+        self._note_int8_codec(name, (self.int8_codec.codec_id,))
         streams = self._write_int8_streams(q, scales, progress, q.numel() * dtype.itemsize)
         entry = TensorEntry(
             name=name, shape=(int(q.shape[0]), int(q.shape[1])), dtype=TORCH_TO_DTYPE[dtype],
             encoding=C.Encoding.INT8_ROW, group=len(self._groups) - 1, streams=streams,
         )
+        self._tensors.append(entry)
+        return entry
+
+    def add_precompressed_tensor(
+        self, name: str, shape: Sequence[int], dtype: C.DType | torch.dtype, encoding: C.Encoding,
+        streams: Sequence[PrecompressedStream],
+    ) -> TensorEntry:
+        """Write a tensor whose streams were compressed elsewhere (nvCOMP ANS chunks compressed on a
+        GPU in one batch per layer group, or chunks copied from another .cllm file), into the
+        current group. Checksums, alignment and layout are the writer's as for add_tensor.
+
+        Args:
+            name: unique tensor name.
+            shape, dtype, encoding: the tensor's; the streams' lengths must be what they need.
+            streams: one PrecompressedStream per stream of the encoding, in order.
+
+        Raises:
+            ValueError: a bad name, shape, dtype, stream count or length, chunking, chunk size,
+                a GPU-only codec outside int8_row, two codecs among a group's int8_row streams.
+            DecodeError: a zstd chunk that is not exactly one frame of its raw size.
+        """
+        self._require(WriterState.OPEN)
+        dt = TORCH_TO_DTYPE.get(dtype) if isinstance(dtype, torch.dtype) else C.DType(dtype)
+        if dt is None:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} is not supported by .cllm v1")
+        enc = C.Encoding(encoding)
+        shape = tuple(int(d) for d in shape)
+        if len(shape) > C.MAX_NDIM or any(not 0 <= d < 1 << 48 for d in shape):
+            raise ValueError(f"tensor {name!r}: bad shape {shape}")
+        if enc == C.Encoding.INT8_ROW and (len(shape) != 2 or dt not in C.FLOAT_DTYPES):
+            raise ValueError(f"tensor {name!r}: int8_row needs a 2-D float tensor, got {shape} {dt.name}")
+        lengths = expected_stream_lengths(shape, dt, enc)
+        if len(streams) != len(lengths):
+            raise ValueError(f"tensor {name!r}: {len(streams)} streams, encoding {enc.name} needs {len(lengths)}")
+        for j, (ps, want) in enumerate(zip(streams, lengths)):
+            if int(ps.length) != want:
+                raise ValueError(f"tensor {name!r}: stream {j} has {ps.length} bytes, shape x dtype needs {want}")
+            if C.Codec(ps.codec) in C.GPU_ONLY_CODECS and enc != C.Encoding.INT8_ROW:
+                raise ValueError(f"tensor {name!r}: codec {C.Codec(ps.codec).name} is allowed only for int8_row tensors")
+        self._claim_name(name)
+        if enc == C.Encoding.INT8_ROW:
+            try:
+                self._note_int8_codec(name, [C.Codec(ps.codec) for ps in streams])
+            except ValueError:
+                self._names.discard(name)
+                raise
+        written = tuple(self._write_precompressed(ps, f"tensor {name!r} stream {j}") for j, ps in enumerate(streams))
+        entry = TensorEntry(name=name, shape=shape, dtype=dt, encoding=enc, group=len(self._groups) - 1, streams=written)
         self._tensors.append(entry)
         return entry
 

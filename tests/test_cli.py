@@ -324,9 +324,9 @@ def help_entries(text: str) -> dict[str, str]:
     "prog,expected",
     [
         ("cllm-convert", ["input", "--output", "--quantize", "--level", "--chunk-size", "--threads",
-                          "--keep-regex", "--force", "--quiet", "--version", "--help"]),
+                          "--keep-regex", "--codec", "--trust-gpu-codecs", "--force", "--quiet", "--version", "--help"]),
         ("cllm-info", ["file", "--json", "--no-floor", "--tensors", "--help"]),
-        ("cllm-verify", ["file", "--quiet", "--help"]),
+        ("cllm-verify", ["file", "--quiet", "--trust-gpu-codecs", "--strict", "--help"]),
     ],
 )
 def test_help_explains_every_option(prog: str, expected: list[str], ws: Workspace, capsys, monkeypatch):
@@ -414,7 +414,7 @@ def test_convert_bad_inputs_in_process(kind: str, fragment: str, tmp_path: Path,
         fragment = "no such file or folder"
     else:
         inp = write_small_cllm(tmp_path / "x.cllm")
-        fragment = "not a readable safetensors file"
+        fragment = "is already a .cllm file; to rewrite it with another int8 codec, pass --codec"
     r = run_main(cli.convert_main, [str(inp), "-o", str(tmp_path / "o.cllm")], capsys)
     one_error_line(r, "cllm-convert", fragment)
     assert not (tmp_path / "o.cllm").exists()

@@ -173,7 +173,7 @@ NEGATIVE = {
     "unknown dtype": _set(lambda o: (_tensor(o, BIAS), "dtype"), 99),
     "dtype 0": _set(lambda o: (_tensor(o, BIAS), "dtype"), 0),
     "unknown encoding": _set(lambda o: (_tensor(o, BIAS), "encoding"), 3),
-    "unknown codec": _set(lambda o: (_tensor(o, BIAS)["streams"][0], "codec"), 2),
+    "unknown codec": _set(lambda o: (_tensor(o, BIAS)["streams"][0], "codec"), 99),
     "int8_row 1-D": _set(lambda o: (_tensor(o, W), "shape"), [64 * 80]),
     "int8_row of an int dtype": _set(lambda o: (_tensor(o, W), "dtype"), int(C.DType.I8)),
     "raw with two streams": lambda o: _tensor(o, BIAS)["streams"].append(_tensor(o, BIAS)["streams"][0]),

@@ -17,6 +17,7 @@ and loads every cllm tier with load(device_map=[0, 1]); peak VRAM is reported pe
 
     python tools/bench_generate.py --shape tinyllama --json out.json
     python tools/bench_generate.py --shape llama2-7b --devices 0,1 --no-offload --json out.json
+    python tools/bench_generate.py --shape llama2-7b --tiers disk,host --file-codec ans   # ANS in the file
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def build_reference(shape: str, device: str):
     return model
 
 
-def write_cllm(model, path: Path, threads: int) -> float:
-    """Quantize every 2-D weight on the GPU and write the .cllm with the real writer."""
+def write_cllm(model, path: Path, threads: int, int8_codec: str = "zstd") -> float:
+    """Quantize every 2-D weight on the GPU and write the .cllm with the real writer (int8 streams
+    in `int8_codec`: zstd, or nvCOMP ANS compressed on the GPU)."""
     from codecllm_format.convert import group_of, natural_key
 
     t0 = time.perf_counter()
@@ -80,7 +82,8 @@ def write_cllm(model, path: Path, threads: int) -> float:
     groups: dict[str, list[str]] = {}
     for name in state:
         groups.setdefault(group_of(name), []).append(name)
-    with cf.CllmWriter(path, threads=threads, metadata={"source": "bench_generate random weights"}) as w:
+    with cf.CllmWriter(path, threads=threads, metadata={"source": "bench_generate random weights"},
+                       int8_codec=int8_codec) as w:
         for gname in sorted(groups, key=natural_key):
             w.begin_group(gname)
             for name in sorted(groups[gname], key=natural_key):
@@ -298,6 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default=None, metavar="0,1",
                     help="split over these GPUs (cllm: load(device_map=...); bf16: accelerate's balanced dispatch); "
                     "default: one GPU")
+    ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd",
+                    help="codec of the int8 weights in the .cllm (ans: cllm-convert --codec ans; the tiers then use it "
+                    "as stored, the disk tier decodes ANS)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_generate needs a CUDA GPU", file=sys.stderr)
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
             ap.error(f"--devices needs 2 or more distinct GPUs of the {torch.cuda.device_count()} visible, got {args.devices!r}")
         torch.cuda.set_device(devices[0])
     dev = f"cuda:{devices[0]}" if devices else "cuda"
-    results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results: dict = {"shape": args.shape, "file_codec": args.file_codec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "date": time.strftime("%Y-%m-%d"), "new_tokens": args.new_tokens, "variants": {}}
     if devices:
         results["devices"] = devices
@@ -327,7 +333,7 @@ def main(argv=None) -> int:
     model = build_reference(args.shape, dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     results["bf16_weight_gib"] = weight_bytes / GiB
-    results["write_seconds"] = write_cllm(model, path, args.threads)
+    results["write_seconds"] = write_cllm(model, path, args.threads, args.file_codec)
     results["file_gib"] = path.stat().st_size / GiB
     print(f"wrote {path} ({results['file_gib']:.2f} GiB = {path.stat().st_size / weight_bytes:.3f} of bf16) "
           f"in {results['write_seconds']:.1f} s", flush=True)
@@ -377,7 +383,8 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False)
+        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False,
+                    trust_gpu_codecs=args.file_codec == "ans")  # our own file
         load_s = time.perf_counter() - t0
         loaded = torch.cuda.memory_allocated()
         r = time_generate(lambda p, n: m.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False), prompt,

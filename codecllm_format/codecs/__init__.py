@@ -2,5 +2,6 @@
 
 from .base import ChunkCodec, get_codec, register
 from .zstd import ZstdCodec
+from .ans import AnsCodec
 
-__all__ = ["ChunkCodec", "ZstdCodec", "get_codec", "register"]
+__all__ = ["AnsCodec", "ChunkCodec", "ZstdCodec", "get_codec", "register"]

@@ -16,6 +16,8 @@ class ChunkCodec(abc.ABC):
 
     codec_id: Codec
     name: str
+    gpu_only: bool = False
+    """True for codecs only a GPU library decodes (ANS): their constructor takes `trusted`."""
 
     @abc.abstractmethod
     def encode(self, chunks: Sequence[Buffer], threads: int = 1) -> list[Buffer]:
@@ -54,5 +56,5 @@ def get_codec(codec: Codec | str, **settings) -> ChunkCodec:
     try:
         cls = _REGISTRY[Codec(codec)]
     except (KeyError, ValueError):
-        raise CodecUnavailable(f"no CPU implementation of codec {codec!r}") from None
+        raise CodecUnavailable(f"no implementation of codec {codec!r}") from None
     return cls(**settings)

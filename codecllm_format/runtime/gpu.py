@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..checksums import xxh3_64
+from ..codecs.ans import TRUST_HINT, check_ans_chunk_sizes
 from ..codecs.zstd import check_frame_structure
-from ..errors import ChecksumError, CllmError, DecodeError, DeviceError
+from ..errors import ChecksumError, CllmError, DecodeError, DeviceError, TrustRequired
 from ..reader import CllmFile
 from .disk import GroupReader
 from .layout import GroupLayout, build_layouts
@@ -59,7 +60,8 @@ class _Slot:
 
 def verify_group(f: CllmFile, layout: GroupLayout, data: memoryview | bytes | None = None) -> None:
     """Check every int8 chunk of a group on the CPU before the GPU sees it: its checksum, then
-    that it is exactly one zstd frame declaring its decoded size (nvCOMP assumes valid input).
+    that it is exactly one zstd frame declaring its decoded size (nvCOMP assumes valid input);
+    for an ANS group (whose bitstream the CPU cannot parse), the size rules only.
 
     Raises:
         ChecksumError, DecodeError: naming the group, chunk and file offset.
@@ -78,7 +80,10 @@ def verify_group(f: CllmFile, layout: GroupLayout, data: memoryview | bytes | No
                     f"{where}: checksum mismatch (stored {expected:#018x}, computed {actual:#018x}); "
                     f"refusing to send it to the GPU"
                 )
-            check_frame_structure(chunk, raw, where)
+            if layout.codec == "ans":
+                check_ans_chunk_sizes(size, raw, where)
+            else:
+                check_frame_structure(chunk, raw, where)
     finally:
         if data is None and isinstance(buf, memoryview):
             buf.release()
@@ -97,9 +102,12 @@ class GpuProvider:
         verify: check chunk checksums before any chunk reaches the GPU (default True).
             False skips that for trusted files: a corrupt file may then decode to garbage.
         prefetch: decode the next group while the current one computes.
-        codec: in-memory codec of the host and gpu-compressed tiers: "zstd" (as in the file),
-            "ans" (nvCOMP ANS: transcoded once at load, decodes ~10x faster), or "auto" (ans).
-            The disk tier always reads the file's zstd.
+        codec: in-memory codec of the host and gpu-compressed tiers: "zstd", "ans" (nvCOMP ANS,
+            decodes ~10x faster than zstd) or "auto" (ans). Groups whose file codec (zstd, or ANS
+            in a file written with --codec ans) is that codec are used as they are; the others
+            are transcoded once at load (round trip checked). The disk tier always reads the
+            file's codec. A file with ANS groups needs f.trust_gpu_codecs (TrustRequired), and
+            refuses codec="zstd" (CllmError: an in-memory zstd copy would only decode slower).
         read_ahead: disk tier: groups read ahead from the file into pinned memory by a
             worker thread (read_ahead + 1 pinned buffers of the largest group).
         verbose: print the residency plan (it is always logged at INFO).
@@ -150,6 +158,12 @@ class GpuProvider:
         self.layouts = build_layouts(f.index)
         if groups is not None:
             self.layouts = {g: lay for g, lay in self.layouts.items() if g in groups}
+        if any(lay.codec == "ans" for lay in self.layouts.values()):
+            if not f.trust_gpu_codecs:
+                raise TrustRequired(f"{f.path.name}: its int8 weights are stored with the GPU-only codec ANS; {TRUST_HINT}")
+            if self.codec == "zstd":  # an in-memory zstd copy of ANS chunks would only decode slower
+                raise CllmError(f"codec='zstd': {f.path.name} stores its int8 weights as nvCOMP ANS, which the tiers use "
+                                f"as stored; use codec='auto' (or 'ans'), or load a zstd file")
         self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
         self.plan: ResidencyPlan = plan_residency(
             [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve
@@ -158,6 +172,7 @@ class GpuProvider:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.decode_stream = torch.cuda.Stream(self.device)
             self.decoder = GroupDecoder(self.device, self.decode_stream)
+            self._check_ans_bounds()
             self._load()
         self._next: dict[int, int] = {}
         self._resident_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # linear_weight's views, by asked name
@@ -174,6 +189,24 @@ class GpuProvider:
             print(summary)
 
     # --- load ---------------------------------------------------------------------------
+
+    def _check_ans_bounds(self) -> None:
+        """ANS groups of the file: no stored chunk may exceed nvCOMP's compressed-size bound for
+        its raw size (index data only, before any chunk reaches the GPU).
+
+        Raises:
+            DecodeError: naming the group, chunk and file offset.
+        """
+        bounds: dict[int, int] = {}
+        for lay in self.layouts.values():
+            if lay.codec != "ans":
+                continue
+            for i, (off, size, raw) in enumerate(zip(lay.in_offsets.tolist(), lay.in_sizes.tolist(), lay.out_sizes.tolist())):
+                if raw not in bounds:
+                    bounds[raw] = self.decoder.max_compressed_size("ans", raw)
+                if size > bounds[raw]:
+                    raise DecodeError(f"group {lay.name!r} chunk {i} at offset {lay.file_offset + off}: {size} stored bytes "
+                                      f"for {raw} raw bytes, over nvCOMP's ANS bound of {bounds[raw]}: not an ANS chunk")
 
     def _group_to_device(self, g: int) -> torch.Tensor:
         """The group's stored (zstd) bytes on the GPU, checksums verified first."""
@@ -200,10 +233,10 @@ class GpuProvider:
         self.host_store: dict[int, torch.Tensor] = {}
         self.encoded: dict[int, EncodedGroup] = {g: file_encoding(lay) for g, lay in self.layouts.items()}
         self._verified: set[int] = set()
-        transcode = self.codec != "zstd"
         scratch = None
         for g, tier in tiers.items():
             lay = self.layouts[g]
+            transcode = self.codec != lay.codec  # the file's codec (zstd, or ANS) is used as it is
             if tier == "disk":
                 continue
             if tier == "host" and not transcode:
@@ -222,10 +255,10 @@ class GpuProvider:
                 self._decode_now(g, compressed, out)
                 self.resident[g] = out
                 continue
-            if not transcode:  # gpu-compressed, zstd as in the file
+            if not transcode:  # gpu-compressed, as in the file
                 self.dev_store[g] = compressed
                 continue
-            # Transcode zstd -> a fast GPU codec, once, and prove the round trip bit-exact.
+            # Transcode the file's codec -> the in-memory one, once, and prove the round trip bit-exact.
             if scratch is None or scratch.numel() < 2 * lay.decoded_bytes:
                 scratch = torch.empty(2 * max(l.decoded_bytes for l in self.layouts.values()), dtype=torch.uint8, device=dev)
             scratch.zero_()  # alignment gaps between streams are never written by a decode

@@ -45,6 +45,8 @@ class GroupLayout:
     shape_key: tuple = ()
     """Equal for groups whose decoded chunks have the same sizes and places (e.g. all
     transformer blocks): such groups can share one nvCOMP decompression config."""
+    codec: str = "zstd"
+    """Codec of the group's int8 chunks in the file ("zstd" or "ans": one per group, spec 11)."""
 
     @property
     def cost(self) -> GroupCost:
@@ -91,5 +93,6 @@ def build_layouts(index: Index) -> dict[int, GroupLayout]:
         )
         lay = layouts[gid]
         key = (len(lay.out_sizes), lay.decoded_bytes, xxh3_64(lay.out_sizes.tobytes() + lay.out_offsets.tobytes()))
-        layouts[gid] = dataclasses.replace(lay, shape_key=key)
+        codec = tensors[0].streams[0].codec.name.lower()  # the index allows one codec per group
+        layouts[gid] = dataclasses.replace(lay, shape_key=key, codec=codec)
     return layouts

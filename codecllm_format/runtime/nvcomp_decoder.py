@@ -106,8 +106,9 @@ class EncodedGroup:
 
 
 def file_encoding(layout: GroupLayout) -> EncodedGroup:
-    """The group as stored in the file: zstd frames at their offsets in the group's byte range."""
-    return EncodedGroup(layout.gid, "zstd", layout.file_length, layout.in_offsets, layout.in_sizes)
+    """The group as stored in the file: its chunks (zstd frames, or nvCOMP ANS chunks in a file
+    written with --codec ans) at their offsets in the group's byte range."""
+    return EncodedGroup(layout.gid, layout.codec, layout.file_length, layout.in_offsets, layout.in_sizes)
 
 
 class GroupDecoder:
@@ -208,6 +209,14 @@ class GroupDecoder:
         self.stream.synchronize()
         del result, srcs, outs, strided
         return packed, EncodedGroup(layout.gid, codec_name, total, offsets, sizes)
+
+    def max_compressed_size(self, codec_name: str, raw_size: int) -> int:
+        """nvCOMP's bound on the compressed size of one chunk of `raw_size` bytes (a stored chunk
+        larger than that is not a chunk of this codec)."""
+        probe = torch.empty(max(int(raw_size), 1), dtype=torch.uint8, device=self.device)
+        size = int(self.codec(codec_name).get_max_comp_buffer_size(self.nvcomp.as_array(probe, self.stream.cuda_stream)))
+        del probe
+        return size
 
     def release_codec(self, name: str) -> None:
         """Drop the nvCOMP Codec `name` with its decompression configs and cached batches
