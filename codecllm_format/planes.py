@@ -5,8 +5,11 @@ Pure functions, like quant.py. A float value's bits are split into two planes:
 - ``exponent``: the biased exponent field of every value, one byte each (BF16, F32: 8 bits;
   F16: 5 bits, the upper 3 bits of the byte zero). Weights use few exponents (about 2.7 bits
   of order-0 entropy per value for real bf16 checkpoints), so this plane is what compresses.
-- ``sign_mantissa``: ``sign << mantissa_bits | mantissa`` of every value as a little-endian
-  integer of 1 (BF16), 2 (F16) or 3 (F32) bytes. Nearly incompressible; stored as is.
+- ``sign_mantissa``: ``sm = sign << mantissa_bits | mantissa`` of every value, an integer of
+  k = 1 (BF16), 2 (F16) or 3 (F32) bytes, stored as k byte planes of numel bytes each: plane j
+  holds byte j (bits 8j..8j+7) of every value. The low planes are nearly incompressible; the
+  top plane of F16 (sign and 2 mantissa bits) and the mantissa planes of F32 tensors that hold
+  less precision than F32 compress.
 
 Moving the sign out of the exponent byte (as ZipNN does) is what makes the exponent plane
 compress to its entropy: with the sign in, the high byte of a bf16 value carries a sign bit
@@ -51,7 +54,7 @@ def split_planes(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         t: bfloat16, float16 or float32 tensor, any shape (0-d and empty included).
 
     Returns:
-        (exponent uint8 [numel], sign_mantissa uint8 [numel * k]), k = 1, 2, 3 bytes per value.
+        (exponent uint8 [numel], sign_mantissa uint8 [k * numel]): k = 1, 2, 3 byte planes.
 
     Raises:
         ValueError: another dtype.
@@ -67,8 +70,8 @@ def split_planes(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     if k == 1:
         sign_mantissa = sm.astype(np.uint8)
     else:
-        sm = sm.astype(_UINT[d])  # little-endian; take the low k bytes of each value
-        sign_mantissa = np.ascontiguousarray(sm.view(np.uint8).reshape(-1, sm.itemsize)[:, :k]).reshape(-1)
+        sm = sm.astype(_UINT[d])  # little-endian: byte j of every value, plane after plane
+        sign_mantissa = np.ascontiguousarray(sm.view(np.uint8).reshape(-1, sm.itemsize)[:, :k].T).reshape(-1)
     return exponent, sign_mantissa
 
 
@@ -77,7 +80,7 @@ def join_planes(exponent: np.ndarray | bytes | bytearray | memoryview, sign_mant
     """Re-interleave planes into a float tensor (the CPU reference of runtime/planes.py).
 
     Args:
-        exponent: numel bytes; sign_mantissa: numel * k bytes (buffers or uint8 arrays).
+        exponent: numel bytes; sign_mantissa: k planes of numel bytes (buffers or uint8 arrays).
         dtype: bfloat16, float16 or float32 (torch dtype or DType).
         shape: the output shape (default: flat).
         where: names the tensor in error messages.
@@ -101,13 +104,9 @@ def join_planes(exponent: np.ndarray | bytes | bytearray | memoryview, sign_mant
         raise DecodeError(f"{where}: {n} exponents for shape {list(shape)}")
     ut = _UINT[d]
     width = ut.itemsize * 8
-    if k == 1:
-        sm = s.astype(ut)
-    elif k == 2:
-        sm = s.view("<u2").astype(ut) if n else np.zeros(0, ut)
-    else:
-        b = s.reshape(n, 3).astype(ut)
-        sm = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+    sm = s[:n].astype(ut)
+    for j in range(1, k):  # byte plane j holds bits 8j..8j+7 of every value
+        sm |= s[j * n : (j + 1) * n].astype(ut) << (8 * j)
     if ebits < 8 and n and int(e.max()) >> ebits:
         i = int(np.argmax(e >> ebits))
         raise DecodeError(f"{where}: exponent byte {int(e[i])} of value {i} has bits set above the {ebits}-bit field")
@@ -115,9 +114,10 @@ def join_planes(exponent: np.ndarray | bytes | bytearray | memoryview, sign_mant
         i = int(np.argmax(sm >> (mbits + 1)))
         raise DecodeError(f"{where}: sign_mantissa of value {i} ({int(sm[i]):#x}) has bits set above bit {mbits}")
     u = ((sm >> mbits) << (width - 1)) | (e.astype(ut) << mbits) | (sm & ((1 << mbits) - 1))
-    u = u.astype(ut, copy=False)
-    signed = np.int16 if width == 16 else np.int32
-    out = torch.from_numpy(u.view(signed).copy() if not u.flags.writeable else u.view(signed)).view(_TORCH[d])
+    if not n:
+        return torch.empty(shape if shape is not None else (0,), dtype=_TORCH[d])
+    u = np.ascontiguousarray(u, dtype=ut)  # a fresh array: the tensor owns it
+    out = torch.from_numpy(u.view(np.int16 if width == 16 else np.int32)).view(_TORCH[d])
     return out.reshape(shape) if shape is not None else out
 
 

@@ -223,8 +223,8 @@ def spec_read(path: Path) -> dict[str, object]:
             eb, sb = [stream_bytes(s) for s in t["streams"]]
             assert len(eb) == numel and len(sb) == numel * k
             exponent = np.frombuffer(eb, dtype=np.uint8).astype(np.uint64)
-            sm = np.frombuffer(sb, dtype=np.uint8).reshape(numel, k).astype(np.uint64)
-            sm = sum(sm[:, j] << np.uint64(8 * j) for j in range(k)) if numel else np.zeros(0, np.uint64)
+            planes = np.frombuffer(sb, dtype=np.uint8).reshape(k, numel).astype(np.uint64)  # byte j of each sm
+            sm = sum(planes[j] << np.uint64(8 * j) for j in range(k)) if numel else np.zeros(0, np.uint64)
             if dtype == 2:
                 assert not (exponent > 31).any() and not (sm >> np.uint64(11)).any()
             mask = np.uint64((1 << m) - 1)

@@ -930,7 +930,8 @@ def valid_planes(tmp_path_factory) -> bytes:
 
 
 def _f16_sign_mantissa(values: list[int]) -> bytes:
-    return zstandard.ZstdCompressor().compress(b"".join(v.to_bytes(2, "little") for v in values))
+    """A compressed F16 sign_mantissa stream: the low bytes of all values, then the high bytes."""
+    return zstandard.ZstdCompressor().compress(bytes(v & 0xFF for v in values) + bytes(v >> 8 for v in values))
 
 
 PLANES_CASES = [

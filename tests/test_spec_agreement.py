@@ -266,5 +266,5 @@ def test_float_planes_table_equals_code(tables):
         exponent, sign_mantissa = split_planes(tensor)
         py = [int(b) for b in bits]
         assert exponent.tolist() == [eval(r["exponent byte"], {"bits": b}) for b in py], dt.name  # noqa: S307
-        sm = [eval(r["sign_mantissa value (k bytes, little-endian)"], {"bits": b}) for b in py]  # noqa: S307
-        assert sign_mantissa.tobytes() == b"".join(v.to_bytes(k, "little") for v in sm), dt.name
+        sm = [eval(r["sign_mantissa value sm (k bytes)"], {"bits": b}) for b in py]  # noqa: S307
+        assert sign_mantissa.tobytes() == bytes((v >> (8 * j)) & 0xFF for j in range(k) for v in sm), dt.name

@@ -181,7 +181,8 @@ def reference_planes(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     bits = [int(b) & ((1 << w) - 1) for b in bits.tolist()]
     exponent = np.array([(b >> m) & (0xFF if w == 32 or m == 7 else 0x1F) for b in bits], np.uint8)
     sm = [(b >> (w - 1)) << m | (b & ((1 << m) - 1)) for b in bits]
-    sign_mantissa = np.frombuffer(b"".join(v.to_bytes(k, "little") for v in sm), np.uint8).copy()
+    # k byte planes: byte j of every value, plane after plane
+    sign_mantissa = np.array([(v >> (8 * j)) & 0xFF for j in range(k) for v in sm], np.uint8)
     return exponent, sign_mantissa
 
 
