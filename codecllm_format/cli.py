@@ -52,19 +52,21 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             "Memory stays at about twice the largest tensor; the output appears only when complete."
         ),
         epilog="examples:\n  cllm-convert model.safetensors\n  cllm-convert ./Llama-2-7b-hf -o llama2-7b.cllm --threads 8\n"
-        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd",
+        "  cllm-convert model.safetensors --quantize none     # lossless: float byte planes + zstd (bf16: ~0.67x)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json), a Hugging Face model folder, "
                    "or a repo id (org/name) already in the local Hugging Face cache (no network)")
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
-    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
+    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: lossless, bit-exact: bf16/f16/f32 "
+                   "tensors as float byte planes (exponent entropy-coded, sign+mantissa as is; format 1.1), other dtypes raw")
     p.add_argument("--level", type=int, default=None,
                    help="zstd level of all data, -7..22 (default: 1 for int8 values, 3 for raw tensors, "
                    "6 for scales and tensors under 1 MiB, 19 for embedded files)")
     p.add_argument("--chunk-size", type=_size, default=C.DEFAULT_CHUNK_SIZE, help="raw bytes per chunk (default 64K; 4K..16M)")
     p.add_argument("--threads", type=int, default=None, help="compression threads (default: all cores)")
-    p.add_argument("--keep-regex", help="tensors whose names match this regular expression stay raw (e.g. 'lm_head|embed')")
+    p.add_argument("--keep-regex", help="tensors whose names match this regular expression are kept lossless "
+                   "(float byte planes, or raw for non-float dtypes; e.g. 'lm_head|embed')")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
