@@ -114,11 +114,11 @@ def info_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="cllm-info",
         description="Show what a .cllm file holds: version, tensors, encodings, sizes and ratios, "
-        "the order-0 entropy floor of its int8 data, embedded files and metadata.",
+        "the order-0 entropy floor of its int8 data and float exponent planes, embedded files and metadata.",
     )
     p.add_argument("file", help="the .cllm file to describe")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
-    p.add_argument("--no-floor", action="store_true", help="skip the entropy floor (it decodes every int8 tensor)")
+    p.add_argument("--no-floor", action="store_true", help="skip the entropy floor (it decodes every int8 and float_planes tensor)")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: the 20 largest)")
     args = p.parse_args(argv)
 
@@ -138,10 +138,10 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         print(f"tensors: {d['tensor_count']} ({enc}); {len(d['aliases'])} tied; {d['groups']} layer groups; index {human(d['index_bytes'])}")
         rows = d["tensors"] if args.tensors else sorted(d["tensors"], key=lambda t: -t["stored_bytes"])[:20]
         w = max([len(t["name"]) for t in rows] + [4])
-        print(f"\n  {'name':<{w}}  {'shape':<16} {'dtype':<5} {'encoding':<9} {'stored':>10} {'of bf16':>8}")
+        print(f"\n  {'name':<{w}}  {'shape':<16} {'dtype':<5} {'encoding':<12} {'stored':>10} {'of bf16':>8}")
         for t in rows:
             ratio = f"{t['ratio_bf16']:.3f}" if t["ratio_bf16"] is not None else "-"
-            print(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<16} {t['dtype']:<5} {t['encoding']:<9} {human(t['stored_bytes']):>10} {ratio:>8}")
+            print(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<16} {t['dtype']:<5} {t['encoding']:<12} {human(t['stored_bytes']):>10} {ratio:>8}")
         if not args.tensors and len(d["tensors"]) > len(rows):
             print(f"  ... {len(d['tensors']) - len(rows)} more (--tensors lists all)")
         for alias, target in d["aliases"].items():
@@ -149,7 +149,8 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         print(f"\ntotal: {human(d['file_bytes'])} = {d['ratio_bf16']:.4f} of bf16 ({human(d['bf16_bytes'])}), "
               f"{d['ratio_logical']:.4f} of the original dtypes ({human(d['logical_bytes'])})")
         if "floor_bytes" in d:
-            print(f"floor (order-0 entropy of int8 values + scales, raw tensors as stored): {human(d['floor_bytes'])} = "
+            print(f"floor (order-0 entropy of int8 values + scales, of float exponents + raw sign/mantissa; "
+                  f"raw tensors as stored): {human(d['floor_bytes'])} = "
                   f"{d['floor_ratio_bf16']:.4f} of bf16; this file is {100 * d['over_floor']:+.2f}% over it")
         if d["files"]:
             print("embedded files: " + ", ".join(f"{n} ({human(s)})" for n, s in d["files"].items()))
