@@ -290,7 +290,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="cllm-export",
         description="Export a .cllm file back to a Hugging Face model folder: the embedded config and tokenizer "
-        "files as stored, plus safetensors weights (raw tensors bit-exact, int8 tensors dequantized), or an "
+        "files as stored, plus safetensors weights (raw and lossless tensors bit-exact, int8 tensors dequantized), or an "
         "int8 per-channel compressed-tensors checkpoint. OUT appears only when complete.",
         epilog="examples:\n  cllm-export model.cllm ./model-hf\n  cllm-export model.cllm ./model-bf16 --dtype bfloat16 --max-shard-size 2GB\n"
         "  cllm-export model.cllm ./model-w8 --format compressed-tensors",
