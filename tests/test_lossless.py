@@ -125,3 +125,20 @@ def test_a_provider_without_float_weight_gets_parameters(lossless, monkeypatch):
         got = m(ids)
     key = "logits" if arch != "bert" else "last_hidden_state"
     assert torch.equal(getattr(got, key), getattr(want, key))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_load_equals_transformers_on_the_gpu(lossless):
+    """device='cuda': lossless weights (decoded at load until the GPU runtime streams planes)
+    give transformers' outputs on the same GPU, exactly."""
+    arch, dtype, hf, path, tok = lossless
+    compute = torch.float32 if dtype == torch.float16 else dtype
+    ref = _reference(arch, hf, compute).to("cuda")
+    ids = torch.randint(7, len(tok), (2, 11), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        want = ref(ids)
+    with codecllm_format.load(path, device="cuda", dtype=compute) as m:
+        got = m(ids)
+    key = "logits" if arch != "bert" else "last_hidden_state"
+    assert torch.equal(getattr(got, key), getattr(want, key))
