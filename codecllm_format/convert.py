@@ -299,7 +299,8 @@ class ConversionReport:
     def summary(self) -> str:
         mbps = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
         return (
-            f"wrote {self.output} — {self.tensors} tensors ({self.int8_tensors} int8, {self.planes_tensors} lossless"
+            f"wrote {self.output} — {self.tensors} tensors ({self.int8_tensors} int8"
+            f"{', ' + str(self.planes_tensors) + ' lossless' if self.planes_tensors else ''}"
             f"{', ' + str(len(self.aliases)) + ' tied' if self.aliases else ''}), {len(self.files)} embedded files\n"
             f"input {human(self.input_bytes)} ({self.input_bytes} B) -> output {human(self.output_bytes)} ({self.output_bytes} B): "
             f"{self.ratio:.3f} of input, {self.ratio_bf16:.3f} of bf16; {self.seconds:.1f} s, {mbps:.0f} MB/s"
