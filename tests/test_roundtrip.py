@@ -452,3 +452,14 @@ def test_join_planes_names_the_tensor_in_errors():
 
     with pytest.raises(DecodeError, match="tensor 'w': sign_mantissa plane is 5 bytes, 3 values of F32 need 9"):
         join_planes(np.zeros(3, np.uint8), np.zeros(5, np.uint8), torch.float32, where="tensor 'w'")
+
+
+def test_float_planes_of_views_and_grad_tensors(tmp_path):
+    """Non-contiguous views and tensors that require grad are written as their values."""
+    base = make(torch.float32, (40, 30), 42)
+    t = base.t()[::2]  # transposed, every other row
+    g = make(torch.bfloat16, (9, 7), 43).requires_grad_(True)
+    path = write(tmp_path / "v.cllm", {"t": (t, C.Encoding.FLOAT_PLANES), "g": (g, C.Encoding.FLOAT_PLANES)})
+    with open_cllm(path) as f:
+        assert same_bits(f.get_tensor("t"), t.contiguous())
+        assert same_bits(f.get_tensor("g"), g.detach())
