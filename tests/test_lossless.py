@@ -142,3 +142,38 @@ def test_gpu_load_equals_transformers_on_the_gpu(lossless):
         got = m(ids)
     key = "logits" if arch != "bert" else "last_hidden_state"
     assert torch.equal(getattr(got, key), getattr(want, key))
+
+
+def test_lossless_weights_are_decoded_inside_their_group(lossless):
+    """Every float_weight call comes between begin_group and end_group of the weight's group
+    (where a GPU provider would prefetch and free), and no decoded weight outlives the forward."""
+    import weakref
+
+    _arch, _dtype, _hf, path, tok = lossless
+    with codecllm_format.load(path) as m:
+        p = m.provider
+        events, handed = [], []
+        for meth in ("float_weight", "begin_group", "end_group"):
+            orig = getattr(p, meth)
+
+            def call(arg, _orig=orig, _meth=meth):
+                events.append((_meth, arg))
+                out = _orig(arg)
+                if out is not None:
+                    handed.append(weakref.ref(out))
+                return out
+
+            setattr(p, meth, call)
+        m(torch.randint(7, len(tok), (1, 5), generator=torch.Generator().manual_seed(3)))
+        open_group = None
+        for meth, arg in events:
+            if meth == "begin_group":
+                assert open_group is None
+                open_group = arg
+            elif meth == "end_group":
+                assert arg == open_group
+                open_group = None
+            else:
+                assert open_group is not None and m.file.entry(arg).group == open_group, (meth, arg)
+        assert sum(e[0] == "float_weight" for e in events) > 0
+        assert all(r() is None for r in handed), "a decoded lossless weight outlived the forward"

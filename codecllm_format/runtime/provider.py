@@ -85,7 +85,7 @@ class CpuProvider:
                 raise DeviceError(f"threads must be >= 1, got {threads}")
             cllm.threads = threads
         self._ends: dict[int, np.ndarray] = {}
-        self.stats = {"linear_calls": 0, "embedding_calls": 0, "bytes_decoded": 0}
+        self.stats = {"linear_calls": 0, "embedding_calls": 0, "float_calls": 0, "bytes_decoded": 0}
         self._closed = False
 
     # --- helpers -------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class CpuProvider:
         if e.encoding != C.Encoding.FLOAT_PLANES:
             raise LoadError(f"tensor {name!r} is not float_planes (encoding {e.encoding.name})")
         w = self.cllm.get_raw(name).data
-        self.stats["float_calls"] = self.stats.get("float_calls", 0) + 1
+        self.stats["float_calls"] += 1
         self.stats["bytes_decoded"] += sum(st.length for st in e.streams)
         return w
 
