@@ -61,17 +61,25 @@ def split_planes(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """
     d = plane_dtype(t.dtype)
     ebits, mbits, k = C.FLOAT_PLANES_LAYOUT[d]
-    u = t.detach().cpu().contiguous().reshape(-1).view(torch.int16 if k < 3 else torch.int32).numpy().view(_UINT[d])
-    width = 16 if k < 3 else 32
-    mmask = (1 << mbits) - 1
-    exponent = ((u >> mbits) & ((1 << ebits) - 1)).astype(np.uint8)
-    sign = u >> (width - 1)
-    sm = (sign << mbits) | (u & mmask)
-    if k == 1:
-        sign_mantissa = sm.astype(np.uint8)
-    else:
-        sm = sm.astype(_UINT[d])  # little-endian: byte j of every value, plane after plane
-        sign_mantissa = np.ascontiguousarray(sm.view(np.uint8).reshape(-1, sm.itemsize)[:, :k].T).reshape(-1)
+    ut = _UINT[d]
+    width = 8 * ut.itemsize
+    u = t.detach().cpu().contiguous().reshape(-1).view(torch.int16 if width == 16 else torch.int32).numpy().view(ut)
+    n = u.size
+    exponent = np.empty(n, np.uint8)
+    np.copyto(exponent, u >> mbits, casting="unsafe")  # keeps the low 8 bits: E bits + (F16) the sign
+    if ebits < 8:
+        exponent &= (1 << ebits) - 1
+    sign_mantissa = np.empty(k * n, np.uint8)
+    for j in range(k - 1):  # whole mantissa bytes
+        np.copyto(sign_mantissa[j * n : (j + 1) * n], u >> (8 * j) if j else u, casting="unsafe")
+    top = sign_mantissa[(k - 1) * n :]  # the last mantissa bits, the sign above them
+    rest = mbits - 8 * (k - 1)
+    np.copyto(top, u >> (8 * (k - 1)) if k > 1 else u, casting="unsafe")
+    top &= (1 << rest) - 1
+    sign = np.empty(n, np.uint8)
+    np.copyto(sign, u >> (width - 1 - rest), casting="unsafe")
+    sign &= 1 << rest
+    top |= sign
     return exponent, sign_mantissa
 
 
@@ -102,23 +110,37 @@ def join_planes(exponent: np.ndarray | bytes | bytearray | memoryview, sign_mant
         raise DecodeError(f"{where}: sign_mantissa plane is {s.size} bytes, {n} values of {d.name} need {n * k}")
     if shape is not None and int(np.prod(shape, dtype=object)) != n:
         raise DecodeError(f"{where}: {n} exponents for shape {list(shape)}")
-    ut = _UINT[d]
-    width = ut.itemsize * 8
-    sm = s[:n].astype(ut)
-    for j in range(1, k):  # byte plane j holds bits 8j..8j+7 of every value
-        sm |= s[j * n : (j + 1) * n].astype(ut) << (8 * j)
-    if ebits < 8 and n and int(e.max()) >> ebits:
-        i = int(np.argmax(e >> ebits))
-        raise DecodeError(f"{where}: exponent byte {int(e[i])} of value {i} has bits set above the {ebits}-bit field")
-    if 8 * k > mbits + 1 and n and int(sm.max()) >> (mbits + 1):
-        i = int(np.argmax(sm >> (mbits + 1)))
-        raise DecodeError(f"{where}: sign_mantissa of value {i} ({int(sm[i]):#x}) has bits set above bit {mbits}")
-    u = ((sm >> mbits) << (width - 1)) | (e.astype(ut) << mbits) | (sm & ((1 << mbits) - 1))
     if not n:
         return torch.empty(shape if shape is not None else (0,), dtype=_TORCH[d])
-    u = np.ascontiguousarray(u, dtype=ut)  # a fresh array: the tensor owns it
-    out = torch.from_numpy(u.view(np.int16 if width == 16 else np.int32)).view(_TORCH[d])
-    return out.reshape(shape) if shape is not None else out
+    ut = _UINT[d]
+    width = 8 * ut.itemsize
+    rest = mbits - 8 * (k - 1)  # mantissa bits in the top plane; the sign is the bit above them
+    top = s[(k - 1) * n :]
+    if ebits < 8 and int(e.max()) >> ebits:
+        i = int(np.argmax(e >> ebits))
+        raise DecodeError(f"{where}: exponent byte {int(e[i])} of value {i} has bits set above the {ebits}-bit field")
+    if rest < 7 and int(top.max()) >> (rest + 1):
+        i = int(np.argmax(top >> (rest + 1)))
+        sm = sum(int(s[j * n + i]) << (8 * j) for j in range(k))
+        raise DecodeError(f"{where}: sign_mantissa of value {i} ({sm:#x}) has bits set above bit {mbits}")
+    out = e.astype(ut)
+    out <<= mbits
+    for j in range(k - 1):
+        w = s[j * n : (j + 1) * n].astype(ut)
+        if j:
+            w <<= 8 * j
+        out |= w
+    w = top.astype(ut)
+    low = w & ((1 << rest) - 1)
+    if k > 1:
+        low <<= 8 * (k - 1)
+    out |= low
+    del low
+    w >>= rest
+    w <<= width - 1
+    out |= w
+    t = torch.from_numpy(out.view(np.int16 if width == 16 else np.int32)).view(_TORCH[d])
+    return t.reshape(shape) if shape is not None else t
 
 
 def exponent_entropy_bits(exponent: np.ndarray) -> float:
