@@ -105,8 +105,9 @@ class Encoding(enum.IntEnum):
     value = int8 * scale[row]. Only for float tensors of 2 dimensions."""
     FLOAT_PLANES = 3
     """Lossless float (BF16, F16, F32; since 1.1): two streams, the biased exponent of every
-    value (one byte each), then sign and mantissa (sign << mantissa_bits | mantissa, little-endian,
-    1, 2 or 3 bytes each). Bit-exact; spec/FORMAT.md section 10.3."""
+    value (one byte each), then sign and mantissa (sm = sign << mantissa_bits | mantissa) as
+    k = 1, 2 or 3 byte planes of numel bytes (byte j of every sm). Bit-exact; spec/FORMAT.md
+    section 10.3."""
 
 
 ENCODING_STREAMS = {
@@ -116,7 +117,7 @@ ENCODING_STREAMS = {
 }
 
 FLOAT_PLANES_LAYOUT = {
-    # dtype: (exponent bits, mantissa bits, bytes of a sign_mantissa value)
+    # dtype: (exponent bits E, mantissa bits M, byte planes k of sign_mantissa)
     DType.BF16: (8, 7, 1),
     DType.F16: (5, 10, 2),
     DType.F32: (8, 23, 3),

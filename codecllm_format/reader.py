@@ -266,8 +266,9 @@ class CllmFile:
         """The two decoded planes of a float_planes tensor, as stored (spec section 10.3).
 
         Returns:
-            (exponent uint8 [numel], sign_mantissa uint8 [numel * k]), k = 1 (bf16), 2 (f16),
-            3 (f32): what runtime.planes.interleave_planes turns into the tensor on a GPU.
+            (exponent uint8 [numel], sign_mantissa uint8 [k * numel]: k byte planes, k = 1
+            (bf16), 2 (f16), 3 (f32)): what runtime.planes.interleave_planes turns into the
+            tensor on a GPU.
 
         Raises:
             ValueError: the tensor is not float_planes. ChecksumError, DecodeError.
