@@ -52,7 +52,7 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             "Memory stays at about twice the largest tensor; the output appears only when complete."
         ),
         epilog="examples:\n  cllm-convert model.safetensors\n  cllm-convert ./Llama-2-7b-hf -o llama2-7b.cllm --threads 8\n"
-        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd\n"
+        "  cllm-convert model.safetensors --quantize none     # lossless: float byte planes + zstd (bf16: ~0.67x)\n"
         "  cllm-convert ./Llama-2-7b-hf --codec ans            # GPU-only file: int8 as nvCOMP ANS (needs a GPU)\n"
         "  cllm-convert model.cllm --codec ans -o model-ans.cllm   # transcode a .cllm, no re-quantization",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,13 +61,15 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
                    "a repo id (org/name) already in the local Hugging Face cache (no network), or a .cllm file to "
                    "transcode to --codec (int8 values kept bit for bit)")
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
-    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
+    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: lossless, bit-exact: bf16/f16/f32 "
+                   "tensors as float byte planes (exponent entropy-coded, sign+mantissa as is; format 1.1), other dtypes raw")
     p.add_argument("--level", type=int, default=None,
                    help="zstd level of all data, -7..22 (default: 1 for int8 values, 3 for raw tensors, "
                    "6 for scales and tensors under 1 MiB, 19 for embedded files)")
     p.add_argument("--chunk-size", type=_size, default=C.DEFAULT_CHUNK_SIZE, help="raw bytes per chunk (default 64K; 4K..16M)")
     p.add_argument("--threads", type=int, default=None, help="compression threads (default: all cores)")
-    p.add_argument("--keep-regex", help="tensors whose names match this regular expression stay raw (e.g. 'lm_head|embed')")
+    p.add_argument("--keep-regex", help="tensors whose names match this regular expression are kept lossless "
+                   "(float byte planes, or raw for non-float dtypes; e.g. 'lm_head|embed')")
     p.add_argument("--codec", choices=("zstd", "ans"), default=None,
                    help="codec of int8 weights: zstd (default; portable, any reader) or ans (nvCOMP ANS, compressed on "
                    "the GPU: the file is GPU-only, loads with no transcoding and decodes ~20x faster from disk; needs "
@@ -122,11 +124,11 @@ def info_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="cllm-info",
         description="Show what a .cllm file holds: version, tensors, encodings, sizes and ratios, "
-        "the order-0 entropy floor of its int8 data, embedded files and metadata.",
+        "the order-0 entropy floor of its int8 data and float exponent planes, embedded files and metadata.",
     )
     p.add_argument("file", help="the .cllm file to describe")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
-    p.add_argument("--no-floor", action="store_true", help="skip the entropy floor (it decodes every int8 tensor)")
+    p.add_argument("--no-floor", action="store_true", help="skip the entropy floor (it decodes every int8 and float_planes tensor)")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: the 20 largest)")
     args = p.parse_args(argv)
 
@@ -146,10 +148,10 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         print(f"tensors: {d['tensor_count']} ({enc}); {len(d['aliases'])} tied; {d['groups']} layer groups; index {human(d['index_bytes'])}")
         rows = d["tensors"] if args.tensors else sorted(d["tensors"], key=lambda t: -t["stored_bytes"])[:20]
         w = max([len(t["name"]) for t in rows] + [4])
-        print(f"\n  {'name':<{w}}  {'shape':<16} {'dtype':<5} {'encoding':<9} {'stored':>10} {'of bf16':>8}")
+        print(f"\n  {'name':<{w}}  {'shape':<16} {'dtype':<5} {'encoding':<12} {'stored':>10} {'of bf16':>8}")
         for t in rows:
             ratio = f"{t['ratio_bf16']:.3f}" if t["ratio_bf16"] is not None else "-"
-            print(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<16} {t['dtype']:<5} {t['encoding']:<9} {human(t['stored_bytes']):>10} {ratio:>8}")
+            print(f"  {t['name']:<{w}}  {str(tuple(t['shape'])):<16} {t['dtype']:<5} {t['encoding']:<12} {human(t['stored_bytes']):>10} {ratio:>8}")
         if not args.tensors and len(d["tensors"]) > len(rows):
             print(f"  ... {len(d['tensors']) - len(rows)} more (--tensors lists all)")
         for alias, target in d["aliases"].items():
@@ -161,7 +163,8 @@ def info_main(argv: Sequence[str] | None = None) -> int:
         if d.get("floor_skipped"):
             print(f"floor: not computed ({d['floor_skipped']})")
         if "floor_bytes" in d:
-            print(f"floor (order-0 entropy of int8 values + scales, raw tensors as stored): {human(d['floor_bytes'])} = "
+            print(f"floor (order-0 entropy of int8 values + scales, of float exponents + raw sign/mantissa; "
+                  f"raw tensors as stored): {human(d['floor_bytes'])} = "
                   f"{d['floor_ratio_bf16']:.4f} of bf16; this file is {100 * d['over_floor']:+.2f}% over it")
         if d["files"]:
             print("embedded files: " + ", ".join(f"{n} ({human(s)})" for n, s in d["files"].items()))
@@ -325,7 +328,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="cllm-export",
         description="Export a .cllm file back to a Hugging Face model folder: the embedded config and tokenizer "
-        "files as stored, plus safetensors weights (raw tensors bit-exact, int8 tensors dequantized), or an "
+        "files as stored, plus safetensors weights (raw and lossless tensors bit-exact, int8 tensors dequantized), or an "
         "int8 per-channel compressed-tensors checkpoint. OUT appears only when complete.",
         epilog="examples:\n  cllm-export model.cllm ./model-hf\n  cllm-export model.cllm ./model-bf16 --dtype bfloat16 --max-shard-size 2GB\n"
         "  cllm-export model.cllm ./model-w8 --format compressed-tensors",

@@ -103,12 +103,26 @@ class Encoding(enum.IntEnum):
     INT8_ROW = 2
     """Two streams: int8 values (row-major), then float32 scales, one per row (dim 0).
     value = int8 * scale[row]. Only for float tensors of 2 dimensions."""
+    FLOAT_PLANES = 3
+    """Lossless float (BF16, F16, F32; since 1.1): two streams, the biased exponent of every
+    value (one byte each), then sign and mantissa (sm = sign << mantissa_bits | mantissa) as
+    k = 1, 2 or 3 byte planes of numel bytes (byte j of every sm). Bit-exact; spec/FORMAT.md
+    section 10.3."""
 
 
 ENCODING_STREAMS = {
     Encoding.RAW: ("data",),
     Encoding.INT8_ROW: ("q", "scale"),
+    Encoding.FLOAT_PLANES: ("exponent", "sign_mantissa"),
 }
+
+FLOAT_PLANES_LAYOUT = {
+    # dtype: (exponent bits E, mantissa bits M, byte planes k of sign_mantissa)
+    DType.BF16: (8, 7, 1),
+    DType.F16: (5, 10, 2),
+    DType.F32: (8, 23, 3),
+}
+"""FLOAT_PLANES bit mapping per dtype (spec/FORMAT.md section 10.3): the dtypes it takes."""
 
 
 class Codec(enum.IntEnum):
@@ -157,6 +171,7 @@ class _FeatureMinor(dict):
 # Minor version that introduced each enum value; values absent here are v1.0.
 FEATURE_MINOR: dict[enum.IntEnum, int] = _FeatureMinor()
 FEATURE_MINOR[Codec.ANS] = 1
+FEATURE_MINOR[Encoding.FLOAT_PLANES] = 1
 
 GPU_ONLY_CODECS = frozenset({Codec.ANS})
 """Codecs whose bitstream only a GPU library decodes (nvCOMP): a reader without it can open the

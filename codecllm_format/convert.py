@@ -222,10 +222,17 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(tensors=tensors, aux_dir=aux, label=repo_id or path.name, shards=shards, ties=ties)
 
 
+PLANE_DTYPES = ("BF16", "F16", "F32")
+"""safetensors dtypes the lossless float_planes encoding takes (F64 and integers stay raw)."""
+
+
 def choose_encoding(t: SourceTensor, quantize: str, keep: re.Pattern | None) -> C.Encoding:
-    """int8_row for 2-D float tensors (linear weights, embeddings, lm_head) unless excluded."""
+    """quantize="int8": int8_row for 2-D float tensors (linear weights, embeddings, lm_head);
+    those matching `keep` are kept lossless (float_planes for bf16/f16/f32, else raw); other
+    tensors (norms, biases, integer buffers) raw. quantize="none": every bf16/f16/f32 tensor
+    float_planes (lossless, smaller than raw), any other dtype raw."""
     if quantize == "none" or (keep is not None and keep.search(t.name)):
-        return C.Encoding.RAW
+        return C.Encoding.FLOAT_PLANES if t.dtype in PLANE_DTYPES else C.Encoding.RAW
     if len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16", "F64") and t.shape[0] > 0 and t.shape[1] > 0:
         return C.Encoding.INT8_ROW
     return C.Encoding.RAW
@@ -278,6 +285,8 @@ class ConversionReport:
     aliases: dict[str, str]
     files: list[str]
     output: Path
+    planes_tensors: int = 0
+    """Tensors written lossless as float_planes."""
 
     @property
     def ratio(self) -> float:
@@ -291,6 +300,7 @@ class ConversionReport:
         mbps = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
         return (
             f"wrote {self.output} — {self.tensors} tensors ({self.int8_tensors} int8"
+            f"{', ' + str(self.planes_tensors) + ' lossless' if self.planes_tensors else ''}"
             f"{', ' + str(len(self.aliases)) + ' tied' if self.aliases else ''}), {len(self.files)} embedded files\n"
             f"input {human(self.input_bytes)} ({self.input_bytes} B) -> output {human(self.output_bytes)} ({self.output_bytes} B): "
             f"{self.ratio:.3f} of input, {self.ratio_bf16:.3f} of bf16; {self.seconds:.1f} s, {mbps:.0f} MB/s"
@@ -319,9 +329,10 @@ def convert(
     Args:
         input_path: a .safetensors file, a sharded folder or index, or an HF model folder.
         output_path: target (default: input stem + .cllm). Written atomically.
-        quantize: "int8" (2-D float tensors to int8_row) or "none" (everything raw).
+        quantize: "int8" (2-D float tensors to int8_row) or "none" (lossless: bf16/f16/f32
+            tensors float_planes, other dtypes raw).
         level, chunk_size, threads: zstd settings (level None: the writer's per-stream defaults).
-        keep_regex: tensors whose names match stay raw.
+        keep_regex: tensors whose names match stay lossless (float_planes, or raw for other dtypes).
         overwrite: replace an existing output.
         progress: called with increments of input bytes processed.
         on_start: called once with the total input bytes.
@@ -403,6 +414,7 @@ def convert(
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     int8 = 0
+    planes = 0
     bf16_bytes = 0
     order = [(g, st) for g in sorted(groups, key=natural_key) for st in sorted(groups[g], key=lambda t: natural_key(t.name))]
 
@@ -426,7 +438,7 @@ def convert(
             seen[key] = st.name
         enc = choose_encoding(st, quantize, keep)
         if enc != C.Encoding.INT8_ROW:
-            return ("raw", tensor)
+            return ("raw", tensor, enc)
         try:
             q, scales = quantize_int8_rows(tensor)
         except NonFiniteError:
@@ -461,7 +473,8 @@ def convert(
                     w.add_int8_tensor(st.name, item[1], item[2], dtype=item[3], progress=progress)
                     int8 += 1
                 else:
-                    w.add_tensor(st.name, item[1], C.Encoding.RAW, progress=progress)
+                    w.add_tensor(st.name, item[1], item[2], progress=progress)
+                    planes += item[2] == C.Encoding.FLOAT_PLANES
                 del item
             for alias, target in ckpt.ties.items():
                 aliases[alias] = aliases.get(target, target)
@@ -489,6 +502,7 @@ def convert(
         seconds=time.perf_counter() - t0,
         tensors=len(ckpt.tensors),
         int8_tensors=int8,
+        planes_tensors=planes,
         aliases=aliases,
         files=list(side_files),
         output=out,

@@ -2,8 +2,8 @@
 
 Two formats:
 - ``safetensors``: every embedded file as stored, plus model.safetensors (or shards and
-  model.safetensors.index.json). Raw tensors are written bit-exact; int8_row tensors are
-  dequantized (float32(q) * scale, then cast to their logical dtype or `dtype`).
+  model.safetensors.index.json). Raw and lossless (float_planes) tensors are written bit-exact;
+  int8_row tensors are dequantized (float32(q) * scale, then cast to their logical dtype or `dtype`).
 - ``compressed-tensors``: an int8 per-output-channel, weight-only (W8A16) checkpoint. Each
   quantized Linear gets NAME.weight_scale (float32, shape [out, 1]) and its int8 values, either
   packed 4 per int32 (q + 128, little end first) as NAME.weight_packed with NAME.weight_shape
@@ -172,7 +172,7 @@ def export(
         out: the folder to create.
         format: "safetensors" (dequantized) or "compressed-tensors" (int8 per-channel Linear layers).
         dtype: dtype of dequantized int8 tensors (default: each tensor's logical dtype). Raw
-            tensors are always written exactly as stored.
+            and float_planes tensors are always written exactly as stored (bit for bit).
         max_shard_size: shard the weights above this many bytes (int or "5GB", "10MB", ...).
         overwrite: replace an existing `out`.
         ct_format: compressed-tensors layout, "pack-quantized" (vLLM) or "int-quantized".

@@ -51,7 +51,7 @@ PIPELINE_TAGS = (
 )
 """Architecture suffix -> Hub pipeline_tag (first match; the loader builds the same classes)."""
 
-ENCODING_TAGS = {"int8_row": "int8", "raw": "raw"}
+ENCODING_TAGS = {"int8_row": "int8", "raw": "raw", "float_planes": "lossless"}
 
 CHECKPOINT_PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.txt", "*.jinja",

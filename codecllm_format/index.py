@@ -283,6 +283,8 @@ def expected_stream_lengths(shape: tuple[int, ...], dtype: C.DType, encoding: C.
         return (numel * C.DTYPE_SIZE[dtype],)
     if encoding == C.Encoding.INT8_ROW:
         return (numel, shape[0] * 4)
+    if encoding == C.Encoding.FLOAT_PLANES:
+        return (numel, numel * C.FLOAT_PLANES_LAYOUT[dtype][2])
     raise UnsupportedVersion(f"unknown encoding {encoding}")
 
 
@@ -308,6 +310,10 @@ def _decode_tensor(obj: Any, i: int, num_groups: int) -> TensorEntry:
             raise IndexSchemaError(f"{where}: int8_row needs a 2-D tensor, shape is {list(shape)}")
         if dtype not in C.FLOAT_DTYPES:
             raise IndexSchemaError(f"{where}: int8_row needs a float dtype, got {dtype.name}")
+    if encoding == C.Encoding.FLOAT_PLANES and dtype not in C.FLOAT_PLANES_LAYOUT:
+        raise IndexSchemaError(
+            f"{where}: float_planes needs dtype BF16, F16 or F32, got {dtype.name}"
+        )
     group = f.int("group", 0, max(num_groups - 1, 0))
     if num_groups == 0:
         raise IndexSchemaError(f"{where}.group: the index has no groups")

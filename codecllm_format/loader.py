@@ -6,6 +6,10 @@ is ever made), then:
 - every nn.Linear / GPT-2 Conv1D whose weight is int8_row in the file becomes a
   CompressedLinear, every such nn.Embedding a CompressedEmbedding: their forward asks the weight
   provider for the int8 weight, computes and drops it (decompress -> compute -> free);
+- every nn.Linear whose weight is float_planes (lossless) becomes a CompressedFloatLinear when
+  the provider has `float_weight` (the CPU one): the weight is decoded bit-exact for each
+  forward and dropped; other float_planes tensors (embeddings, norms, weights tied to an
+  embedding, or all of them on a provider without float_weight) are decoded at load;
 - raw tensors (norms, biases, raw weights) become ordinary parameters / buffers;
 - tied weights (file aliases, or transformers' tied keys when the file lacks lm_head) point at
   the same stored tensor;
@@ -38,7 +42,7 @@ from . import constants as C
 from .errors import CodecUnavailable, DeviceError, LoadError, TrustRequired
 from .hub import resolve as resolve_path
 from .reader import CllmFile, open_cllm
-from .runtime.modules import CompressedEmbedding, CompressedLinear
+from .runtime.modules import CompressedEmbedding, CompressedFloatLinear, CompressedLinear
 from .runtime.provider import CpuProvider, WeightProvider
 
 TASKS = {
@@ -291,9 +295,11 @@ class CllmModel:
     def __repr__(self) -> str:
         n_lin = sum(isinstance(m, CompressedLinear) for m in self.model.modules())
         n_emb = sum(isinstance(m, CompressedEmbedding) for m in self.model.modules())
+        n_float = sum(isinstance(m, CompressedFloatLinear) for m in self.model.modules())
         return (
             f"CllmModel({self.file.path.name!r}, {type(self.model).__name__}, device={self.device}, dtype={self.dtype}, "
-            f"{n_lin} compressed linear, {n_emb} compressed embedding)"
+            f"{n_lin} compressed linear, {n_emb} compressed embedding"
+            + (f", {n_float} lossless compressed linear)" if n_float else ")")
         )
 
     def _need_tokenizer(self):
@@ -629,7 +635,15 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
         s = slots.get(wname)
         if s is None or s.source is None:
             continue
-        if cllm.entry(s.source).encoding != C.Encoding.INT8_ROW:
+        encoding = cllm.entry(s.source).encoding
+        if encoding == C.Encoding.FLOAT_PLANES:
+            # lossless Linear weights are decoded per forward when the provider can
+            # (CpuProvider.float_weight); shared with another module (a tied embedding that
+            # is loaded as a parameter) or on a provider without it: a parameter, decoded at load
+            if kind != "linear" or not hasattr(provider, "float_weight") or len(by_identity[id(s.tensor)]) > 1:
+                continue
+            kind = "float_linear"
+        elif encoding != C.Encoding.INT8_ROW:
             continue
         plans[mid] = (kind, s.source)
         for n in module_names[mid]:
@@ -667,7 +681,13 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
     for mid, (kind, source) in plans.items():
         mod = modules[mid]
         gid = cllm.entry(source).group
-        if kind == "embedding":
+        if kind == "float_linear":
+            bias = mod._parameters.get("bias")
+            if bias is not None and bias.is_meta:
+                raise LoadError(f"bias of {module_names[mid][0]} was not loaded")
+            new = CompressedFloatLinear(source, gid, provider, mod.in_features, mod.out_features, bias,
+                                        dtype=mod.weight.dtype)
+        elif kind == "embedding":
             new = CompressedEmbedding(source, gid, provider, mod.num_embeddings, mod.embedding_dim,
                                       dtype=mod.weight.dtype, padding_idx=mod.padding_idx)
         else:
@@ -709,7 +729,8 @@ def _hook_groups(model, groups, to_model, provider: WeightProvider) -> list:
     between its begin_group and end_group."""
     handles = []
     named = dict(model.named_modules())
-    compressed = {n: m for n, m in named.items() if isinstance(m, (CompressedLinear, CompressedEmbedding))}
+    compressed = {n: m for n, m in named.items()
+                  if isinstance(m, (CompressedLinear, CompressedEmbedding, CompressedFloatLinear))}
 
     def hook_pair(mod: nn.Module, gid: int):
         def pre(_m, _args):

@@ -33,6 +33,7 @@ from .errors import (
     UnsupportedVersion,
 )
 from .index import Index, Stream, TensorEntry, align_up, check_minor_version, decode_index
+from .planes import join_planes
 from .quant import dequantize_int8_rows
 from .writer import DTYPE_TO_TORCH
 
@@ -273,8 +274,29 @@ class CllmFile:
             self.read_stream(stream, where=where, out=memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         return out
 
+    def get_planes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two decoded planes of a float_planes tensor, as stored (spec section 10.3).
+
+        Returns:
+            (exponent uint8 [numel], sign_mantissa uint8 [k * numel]: k byte planes, k = 1
+            (bf16), 2 (f16), 3 (f32)): what runtime.planes.interleave_planes turns into the
+            tensor on a GPU.
+
+        Raises:
+            ValueError: the tensor is not float_planes. ChecksumError, DecodeError.
+        """
+        e = self.entry(name)
+        if e.encoding != C.Encoding.FLOAT_PLANES:
+            raise ValueError(f"tensor {e.name!r} is {e.encoding.name}, not FLOAT_PLANES")
+        where = f"tensor {e.name!r}"
+        exponent = self._stream_tensor(e.streams[0], torch.uint8, (e.streams[0].length,), where + " exponent plane")
+        sign_mantissa = self._stream_tensor(e.streams[1], torch.uint8, (e.streams[1].length,),
+                                            where + " sign_mantissa plane")
+        return exponent, sign_mantissa
+
     def get_raw(self, name: str) -> RawTensor:
-        """The tensor as stored: (int8 values, float32 scales) for int8_row; the tensor for raw."""
+        """The tensor as stored: (int8 values, float32 scales) for int8_row; the tensor for raw
+        and float_planes (decoded bit-exact; `get_planes` gives the planes themselves)."""
         e = self.entry(name)
         where = f"tensor {e.name!r}"
         if e.encoding == C.Encoding.INT8_ROW:
@@ -283,6 +305,9 @@ class CllmFile:
             if s.numel() and not bool((torch.isfinite(s) & (s >= 0)).all()):
                 raise DecodeError(f"{where}: a scale is negative, NaN or infinite")
             return RawTensor(q, s, e)
+        if e.encoding == C.Encoding.FLOAT_PLANES:
+            exponent, sign_mantissa = self.get_planes(name)
+            return RawTensor(join_planes(exponent.numpy(), sign_mantissa.numpy(), e.dtype, e.shape, where), None, e)
         t = self._stream_tensor(e.streams[0], DTYPE_TO_TORCH[e.dtype], e.shape, where)
         if e.dtype == C.DType.BOOL and t.numel() and int(t.view(torch.uint8).max()) > 1:
             raise DecodeError(f"{where}: a bool byte is neither 0 nor 1")

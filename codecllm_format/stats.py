@@ -2,7 +2,10 @@
 
 The floor of the int8 encoding is what an ideal order-0 entropy coder would need:
 for each int8_row tensor, H0(values) * numel / 8 + 4 * rows (the float32 scales), plus every
-raw tensor at its stored size. `bf16` sizes count float tensors at 2 bytes per value.
+raw tensor at its stored size. For a float_planes tensor the floor is the exponent plane at
+its order-0 entropy plus sign and mantissa raw: H0(exponent) * numel / 8 + k * numel (the
+bound lossless codecs such as DFloat11 and ZipNN are measured against). `bf16` sizes count
+float tensors at 2 bytes per value.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ def describe(f: CllmFile, floor: bool = True) -> dict:
                 h = order0_entropy_bits(raw.data)
                 row["entropy_bits"] = h
                 row["floor_bytes"] = h * e.numel / 8 + 4 * e.shape[0]
+            elif e.encoding == C.Encoding.FLOAT_PLANES:
+                exponent, sign_mantissa = f.get_planes(e.name)
+                h = order0_entropy_bits(exponent)
+                row["entropy_bits"] = h  # of the exponent plane
+                row["floor_bytes"] = h * e.numel / 8 + sign_mantissa.numel()
             else:
                 row["floor_bytes"] = float(e.stored_length)
             total_floor += row["floor_bytes"]

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import zstandard
 
 from . import constants as C
 from .checksums import xxh3_64
@@ -36,6 +37,7 @@ from .index import (
     expected_stream_lengths,
     index_minor_version,
 )
+from .planes import plane_dtype, split_planes
 from .quant import quantize_int8_rows
 
 PARTIAL_SUFFIX = ".cllm-partial"
@@ -56,6 +58,20 @@ FILE_LEVEL = 19
 """Embedded files (config, tokenizer) are compressed at this level, one frame per file up to
 MAX_CHUNK_SIZE: 22% smaller than level 3 in 64 KiB chunks; they are compressed once and
 never decoded by chunk."""
+
+EXPONENT_PARAMS = dict(window_log=16, chain_log=12, hash_log=12, search_log=1, min_match=7,
+                       target_length=16, strategy=zstandard.STRATEGY_BTOPT)
+"""zstd parameters of FLOAT_PLANES exponent planes: the optimal parser (which only takes a
+match where it beats coding literals) with a small search. On all-MiniLM-L6-v2 in bf16 it
+reaches 2.649 bits per exponent (order-0 entropy 2.664) at ~12 MB/s of exponents per core;
+level 19 gives 2.654 at 1.6 MB/s, levels 1-9 3.0-3.2 bits (their greedy matches cost more
+than they save). Window 64 KiB = the default chunk: single-segment frames.
+(benchmarks/RESULTS.md, "Lossless (FLOAT_PLANES)")."""
+SIGN_MANTISSA_LEVEL = 1
+"""zstd level of FLOAT_PLANES sign_mantissa streams. Mantissa byte planes are near 8 bits of
+entropy per byte: zstd stores raw blocks at any level, level 1 fastest (1.2 GB/s). The F16
+top plane (sign + 2 mantissa bits, 2.97 bits of entropy) gets 3.08 bits at level 1, 3.44 at
+level 3, 3.01 with EXPONENT_PARAMS at 10x the time."""
 
 TORCH_TO_DTYPE = {
     torch.float32: C.DType.F32,
@@ -121,7 +137,8 @@ class CllmWriter:
         chunk_size: raw bytes per chunk (default 64 KiB).
         level: zstd level of every stream; None (default): DEFAULT_LEVEL for raw tensors,
             INT8_LEVEL for int8 values, SMALL_STREAM_LEVEL for scales and small tensors,
-            FILE_LEVEL for embedded files.
+            FILE_LEVEL for embedded files, EXPONENT_PARAMS / SIGN_MANTISSA_LEVEL for the
+            planes of float_planes tensors.
         threads: compression threads (zstandard releases the GIL).
         metadata: free string key/values stored in the index.
         int8_codec: codec of both streams (values and scales) of int8_row tensors: "zstd"
@@ -163,6 +180,9 @@ class CllmWriter:
             if reason is not None:
                 raise CodecUnavailable(f"int8_codec='ans' compresses on the GPU with nvCOMP: {reason}")
             self.int8_codec = self.int8_scale_codec = get_codec(C.Codec.ANS)
+        self.exponent_codec = (get_codec(C.Codec.ZSTD, params=EXPONENT_PARAMS) if level is None
+                               else get_codec(C.Codec.ZSTD, level=level))
+        self.sign_mantissa_codec = get_codec(C.Codec.ZSTD, level=SIGN_MANTISSA_LEVEL if level is None else level)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         if len(self.metadata) > C.MAX_METADATA_ENTRIES or any(
             not k or len(k) > C.MAX_NAME_LENGTH or len(v.encode()) > C.MAX_METADATA_VALUE_LENGTH
@@ -341,7 +361,8 @@ class CllmWriter:
         Args:
             name: unique tensor name.
             tensor: CPU tensor; its dtype becomes the logical dtype.
-            encoding: RAW, or INT8_ROW for 2-D float tensors.
+            encoding: RAW; INT8_ROW for 2-D float tensors; FLOAT_PLANES (lossless) for
+                bfloat16, float16, float32 tensors of any shape.
             progress: called with increments of input bytes consumed.
 
         Raises:
@@ -365,6 +386,23 @@ class CllmWriter:
             self._note_int8_codec(name, (self.int8_codec.codec_id,))
             streams = self._write_int8_streams(q, scales, progress, in_bytes)
             del q, scales
+        elif encoding == C.Encoding.FLOAT_PLANES:
+            try:
+                plane_dtype(tensor.dtype)
+            except ValueError:
+                raise ValueError(f"tensor {name!r}: float_planes takes bfloat16, float16 or float32, "
+                                 f"got {tensor.dtype}") from None
+            exponent, sign_mantissa = split_planes(tensor)
+            # progress in source bytes: the exponent plane stands for 1 / (1 + k) of them
+            e_share = in_bytes * len(exponent) // max(1, len(exponent) + len(sign_mantissa))
+            streams = (
+                self._write_stream(memoryview(exponent), progress, Fraction(e_share, max(1, len(exponent))),
+                                   codec=self.exponent_codec),
+                self._write_stream(memoryview(sign_mantissa), progress,
+                                   Fraction(in_bytes - e_share, max(1, len(sign_mantissa))),
+                                   codec=self.sign_mantissa_codec),
+            )
+            del exponent, sign_mantissa
         else:
             raise ValueError(f"unknown encoding {encoding!r}")
         entry = TensorEntry(

@@ -479,3 +479,23 @@ def test_in_process_errors(tmp_path: Path, capsys):
     off, stored = hb.chunk_location(blob, ATTN, 0, 0)
     (tmp_path / "c.cllm").write_bytes(hb.flip_bit(blob, off + stored // 2, 1))
     one_error_line(run_main(cli.info_main, [str(tmp_path / "c.cllm")], capsys), "cllm-info", f"tensor '{ATTN}' values chunk 0")
+
+
+def test_info_of_a_lossless_file_shows_planes_and_their_floor(tmp_path: Path, capsys):
+    """cllm-info on a --quantize none file: the float_planes encoding, the exponent entropy and
+    a floor of exponent-at-entropy + raw sign/mantissa that the stored size is close to."""
+    from codecllm_format.stats import describe
+
+    g = torch.Generator().manual_seed(3)
+    save_file({"w": (torch.randn(256, 512, generator=g) * 0.02).to(torch.bfloat16),
+               "b": torch.randn(512, generator=g), "ids": torch.arange(5)}, tmp_path / "m.safetensors")
+    path = convert(tmp_path / "m.safetensors", tmp_path / "m.cllm", quantize="none").output
+    r = run_main(cli.info_main, [str(path), "--tensors"], capsys)
+    assert r.returncode == 0 and f"{path}: .cllm v1.1" in r.stdout
+    assert "float_planes" in r.stdout and "2 float_planes, 1 raw" in r.stdout
+    with cf.open(path) as f:
+        d = describe(f)
+    w = next(t for t in d["tensors"] if t["name"] == "w")
+    assert w["encoding"] == "float_planes" and 2.0 < w["entropy_bits"] < 4.0
+    assert w["floor_bytes"] == pytest.approx(w["entropy_bits"] * 256 * 512 / 8 + 256 * 512)
+    assert w["floor_bytes"] * 0.98 < w["stored_bytes"] < w["floor_bytes"] * 1.03

@@ -78,8 +78,11 @@ def check_converted(path: Path, sd: dict[str, torch.Tensor], quantized: bool = T
                 assert torch.equal(raw.data, q) and torch.equal(raw.scales, s), name
                 assert sqnr_db(t, got) > 38, name
             else:
-                assert e.encoding == C.Encoding.RAW, name
-                assert torch.equal(got, t), name
+                kept = keep and re.search(keep, name) or not quantized
+                lossless = kept and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                assert e.encoding == (C.Encoding.FLOAT_PLANES if lossless else C.Encoding.RAW), name
+                assert got.reshape(-1).view(torch.uint8).equal(t.reshape(-1).view(torch.uint8)) if t.numel() \
+                    else got.shape == t.shape, name
 
 
 # --- input forms ------------------------------------------------------------------------
@@ -289,15 +292,17 @@ def test_tied_model_saved_by_save_model(tmp_path):
 # --- encodings chosen -----------------------------------------------------------------------
 
 
-def test_keep_regex_keeps_matching_tensors_raw(tmp_path):
+def test_keep_regex_keeps_matching_tensors_lossless(tmp_path):
     sd = mixed_state()
     save_file(sd, tmp_path / "m.safetensors")
-    keep = r"lm_head|layers\.1\.attn"
+    keep = r"lm_head|layers\.1\.(attn|mlp)"
     convert(tmp_path / "m.safetensors", tmp_path / "k.cllm", keep_regex=keep)
     check_converted(tmp_path / "k.cllm", sd, keep=keep)
     with open_cllm(tmp_path / "k.cllm") as f:
-        assert f.entry("lm_head.weight").encoding == C.Encoding.RAW
-        assert f.entry("model.layers.1.attn.weight").encoding == C.Encoding.RAW
+        assert f.version == (1, 1)  # float_planes is a format 1.1 feature
+        assert f.entry("lm_head.weight").encoding == C.Encoding.FLOAT_PLANES
+        assert f.entry("model.layers.1.attn.weight").encoding == C.Encoding.FLOAT_PLANES
+        assert f.entry("model.layers.1.mlp.weight").encoding == C.Encoding.RAW  # f64: no planes
         assert f.entry("model.layers.0.attn.weight").encoding == C.Encoding.INT8_ROW
 
 
@@ -311,11 +316,14 @@ def test_quantize_none_is_bit_exact(tmp_path):
     sd = mixed_state()
     sd["nan_and_inf"] = torch.tensor([[float("nan"), float("inf")], [-float("inf"), -0.0]])
     save_file(sd, tmp_path / "m.safetensors")
-    convert(tmp_path / "m.safetensors", tmp_path / "n.cllm", quantize="none")
+    rep = convert(tmp_path / "m.safetensors", tmp_path / "n.cllm", quantize="none")
+    planes = {n for n, t in sd.items() if t.dtype in (torch.bfloat16, torch.float16, torch.float32)}
+    assert rep.planes_tensors == len(planes) and rep.int8_tensors == 0
+    assert f"{len(planes)} lossless" in rep.summary()
     with open_cllm(tmp_path / "n.cllm") as f:
-        assert f.metadata()["quantize"] == "none"
+        assert f.metadata()["quantize"] == "none" and f.version == (1, 1) and f.verify() == []
         for name, t in sd.items():
-            assert f.entry(name).encoding == C.Encoding.RAW
+            assert f.entry(name).encoding == (C.Encoding.FLOAT_PLANES if name in planes else C.Encoding.RAW), name
             got = f.get_tensor(name)
             assert got.dtype == t.dtype and torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
 
@@ -330,7 +338,7 @@ def test_non_finite_weight_names_the_tensor_and_the_way_out(tmp_path):
     assert not list(tmp_path.glob(f"*{PARTIAL_SUFFIX}"))
     convert(tmp_path / "m.safetensors", tmp_path / "nan.cllm", keep_regex=r"^bad\.")
     with open_cllm(tmp_path / "nan.cllm") as f:
-        assert f.entry("bad.weight").encoding == C.Encoding.RAW
+        assert f.entry("bad.weight").encoding == C.Encoding.FLOAT_PLANES
         assert torch.equal(f.get_tensor("bad.weight").view(torch.uint8), bad.view(torch.uint8))
 
 

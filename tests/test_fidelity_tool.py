@@ -27,6 +27,7 @@ def test_fidelity_report(tmp_path, arch, monkeypatch):
     r = json.loads(out.read_text())
     assert r["sqnr_db"]["tensors"] > 0 and r["sqnr_db"]["min"] > 20
     assert r["int8_ratio_bf16"] < r["none_ratio_bf16"]
+    assert r["none_lossless_tensors"] > 0 and r["int8_lossless_tensors"] == 0  # the control is float_planes
     if arch == "llama":
         lm = r["lm"]
         assert lm["lossless"]["kl_mean"] == 0 and lm["lossless"]["perplexity"] == lm["original"]["perplexity"]

@@ -94,6 +94,11 @@ def test_reader_returns_expected_bits(stem):
                 assert same_bits(raw.data, expected[name + ".__q"]), f"{stem}: {name!r} int8 values"
                 assert same_bits(raw.scales, expected[name + ".__scale"]), f"{stem}: {name!r} scales"
                 seen.update({name + ".__q", name + ".__scale"})
+            if entry.encoding == Encoding.FLOAT_PLANES and name == entry.name:
+                exponent, sign_mantissa = f.get_planes(name)
+                assert same_bits(exponent, expected[name + ".__exponent"]), f"{stem}: {name!r} exponent plane"
+                assert same_bits(sign_mantissa, expected[name + ".__sign_mantissa"]), f"{stem}: {name!r} sign_mantissa"
+                seen.update({name + ".__exponent", name + ".__sign_mantissa"})
         assert seen == set(expected), f"{stem}: expected tensors not checked: {sorted(set(expected) - seen)}"
 
 
@@ -212,6 +217,24 @@ def spec_read(path: Path) -> dict[str, object]:
             arr = np.frombuffer(raw, dtype=np.uint8).copy()
             out[t["name"]] = (torch.from_numpy(arr).view(TORCH[dtype]).reshape(shape) if numel
                               else torch.empty(shape, dtype=TORCH[dtype]))
+        elif t["encoding"] == 3:  # FLOAT_PLANES, section 10.3
+            assert dtype in (1, 2, 3) and minor >= 1
+            w, m, k = {3: (16, 7, 1), 2: (16, 10, 2), 1: (32, 23, 3)}[dtype]
+            eb, sb = [stream_bytes(s) for s in t["streams"]]
+            assert len(eb) == numel and len(sb) == numel * k
+            exponent = np.frombuffer(eb, dtype=np.uint8).astype(np.uint64)
+            planes = np.frombuffer(sb, dtype=np.uint8).reshape(k, numel).astype(np.uint64)  # byte j of each sm
+            sm = sum(planes[j] << np.uint64(8 * j) for j in range(k)) if numel else np.zeros(0, np.uint64)
+            if dtype == 2:
+                assert not (exponent > 31).any() and not (sm >> np.uint64(11)).any()
+            mask = np.uint64((1 << m) - 1)
+            bits = ((sm >> np.uint64(m)) << np.uint64(w - 1)) | (exponent << np.uint64(m)) | (sm & mask)
+            u = bits.astype(np.uint32 if w == 32 else np.uint16)
+            arr = u.view(np.int32 if w == 32 else np.int16).copy()
+            out[t["name"]] = (torch.from_numpy(arr).view(TORCH[dtype]).reshape(shape) if numel
+                              else torch.empty(shape, dtype=TORCH[dtype]))
+            out[t["name"] + ".__exponent"] = torch.from_numpy(np.frombuffer(eb, dtype=np.uint8).copy())
+            out[t["name"] + ".__sign_mantissa"] = torch.from_numpy(np.frombuffer(sb, dtype=np.uint8).copy())
         else:
             assert t["encoding"] == 2 and len(shape) == 2 and dtype in (1, 2, 3, 4)
             qb, sb = [stream_bytes(s) for s in t["streams"]]

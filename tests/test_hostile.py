@@ -906,3 +906,82 @@ def test_flip_every_byte(tiny: bytes, tmp_path: Path):
             fh.flush()
     assert not foreign, foreign[:10]
     assert not silent, silent[:20]
+
+
+# --- FLOAT_PLANES (format 1.1): wrong stream counts / lengths / dtypes are rejected at open ----
+
+PL_BF16 = "model.layers.0.w_bf16"  # float_planes bf16 [20, 300]: exponent and sign_mantissa 6000 bytes each
+PL_F16 = "model.layers.0.w_f16"  # float_planes f16 [7, 9]: exponent 63 bytes, sign_mantissa 126
+PL_F32 = "model.layers.0.w_f32"  # float_planes f32 [5]: exponent 5, sign_mantissa 15
+
+
+@pytest.fixture(scope="module")
+def valid_planes(tmp_path_factory) -> bytes:
+    """A small valid format-1.1 file with float_planes tensors of the three dtypes (4 KiB chunks)."""
+    g = torch.Generator().manual_seed(9)
+    path = tmp_path_factory.mktemp("planes") / "planes.cllm"
+    with cf.CllmWriter(path, chunk_size=C.MIN_CHUNK_SIZE, threads=1) as w:
+        w.begin_group("model.layers.0")
+        w.add_tensor(PL_BF16, (torch.randn(20, 300, generator=g) * 0.02).to(torch.bfloat16), C.Encoding.FLOAT_PLANES)
+        w.add_tensor(PL_F16, torch.randn(7, 9, generator=g).to(torch.float16), C.Encoding.FLOAT_PLANES)
+        w.add_tensor(PL_F32, torch.randn(5, generator=g), C.Encoding.FLOAT_PLANES)
+        w.finish()
+    return path.read_bytes()
+
+
+def _f16_sign_mantissa(values: list[int]) -> bytes:
+    """A compressed F16 sign_mantissa stream: the low bytes of all values, then the high bytes."""
+    return zstandard.ZstdCompressor().compress(bytes(v & 0xFF for v in values) + bytes(v >> 8 for v in values))
+
+
+PLANES_CASES = [
+    Case("planes-one-stream", edit(lambda o: hb.tensor(o, PL_BF16).update(streams=hb.tensor(o, PL_BF16)["streams"][:1])),
+         IndexSchemaError, f"tensor {PL_BF16!r}: 1 streams, encoding FLOAT_PLANES needs 2"),
+    Case("planes-three-streams", edit(lambda o: hb.tensor(o, PL_F32)["streams"].append(hb.stream_of(o, PL_F32, 1))),
+         IndexSchemaError, f"tensor {PL_F32!r}: 3 streams, encoding FLOAT_PLANES needs 2"),
+    Case("planes-exponent-length", edit(lambda o: hb.stream_of(o, PL_F16, 0).update(length=62)),
+         IndexSchemaError, f"tensor {PL_F16!r}.streams[0].length: 62 bytes, but shape x dtype needs 63"),
+    Case("planes-sign-mantissa-length-of-bf16", edit(lambda o: hb.tensor(o, PL_F16).update(dtype=int(C.DType.BF16))),
+         IndexSchemaError, f"tensor {PL_F16!r}.streams[1].length: 126 bytes, but shape x dtype needs 63"),
+    Case("planes-sign-mantissa-length", edit(lambda o: hb.stream_of(o, PL_F32, 1).update(length=20)),
+         IndexSchemaError, f"tensor {PL_F32!r}.streams[1].length: 20 bytes, but shape x dtype needs 15"),
+    Case("planes-f64", edit(lambda o: hb.tensor(o, PL_F32).update(dtype=int(C.DType.F64))),
+         IndexSchemaError, f"tensor {PL_F32!r}: float_planes needs dtype BF16, F16 or F32, got F64"),
+    Case("planes-int-dtype", edit(lambda o: hb.tensor(o, PL_F16).update(dtype=int(C.DType.I16))),
+         IndexSchemaError, f"tensor {PL_F16!r}: float_planes needs dtype BF16, F16 or F32, got I16"),
+    Case("planes-in-a-1.0-file", lambda b: hb.with_header(b, minor=0),
+         UnsupportedVersion, "encoding FLOAT_PLANES, which needs minor 1"),
+    Case("planes-f16-exponent-over-31",
+         lambda b: hb.relayout(b, {(PL_F16, 0, 0): zstandard.ZstdCompressor().compress(bytes([15] * 62 + [32]))}),
+         DecodeError, f"tensor {PL_F16!r}: exponent byte 32 of value 62", when="read"),
+    Case("planes-f16-sign-mantissa-high-bits",
+         lambda b: hb.relayout(b, {(PL_F16, 1, 0): _f16_sign_mantissa([0x7FF] * 10 + [0x800] + [0] * 52)}),
+         DecodeError, f"tensor {PL_F16!r}: sign_mantissa of value 10 (0x800)", when="read"),
+    Case("planes-exponent-checksum", lambda b: hb.patch(b, hb.chunk_location(b, PL_BF16, 0, 1)[0] + 5, b"\xff"),
+         ChecksumError, f"tensor {PL_BF16!r} exponent plane chunk 1", when="read"),
+]
+
+
+@pytest.mark.parametrize("c", PLANES_CASES, ids=[c.id for c in PLANES_CASES])
+def test_hostile_planes_case(c: Case, valid_planes: bytes, tmp_path: Path):
+    blob = c.build(valid_planes)
+    assert blob != valid_planes
+    path = tmp_path / "hostile.cllm"
+    path.write_bytes(blob)
+    if c.when == "open":
+        with pytest.raises(c.exc) as info:
+            cf.open(path)
+    else:
+        target = PL_BF16 if "exponent-checksum" in c.id else PL_F16
+        with cf.open(path) as f:
+            with pytest.raises(c.exc) as info:
+                f.get_tensor(target)
+    assert c.fragment in str(info.value), f"{info.value!r} does not mention {c.fragment!r}"
+
+
+def test_valid_planes_file_reads(valid_planes: bytes, tmp_path: Path):
+    path = tmp_path / "ok.cllm"
+    path.write_bytes(valid_planes)
+    with cf.open(path) as f:
+        assert f.version == (1, 1) and f.verify() == []
+        assert f.get_tensor(PL_F16).shape == (7, 9)

@@ -4,6 +4,7 @@ boundaries, int8 accuracy bounds, and byte-for-byte determinism."""
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -332,3 +333,133 @@ def test_minor_version_is_the_lowest_that_covers_the_features_used(tmp_path, mon
     relabelled.write_bytes(bytes(data))
     with pytest.raises(UnsupportedVersion, match=r"says format 1\.0, but uses encoding INT8_ROW, which needs minor 1"):
         open_cllm(relabelled)
+
+
+# --- FLOAT_PLANES: lossless byte planes (format 1.1) ----------------------------------------
+
+PLANE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+_INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def random_bits(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Every bit pattern equally likely (NaNs with payloads, infinities, subnormals, -0 among
+    them), plus the special values planted at the front."""
+    g = torch.Generator().manual_seed(seed)
+    width = 8 * torch.empty(0, dtype=dtype).element_size()
+    n = math.prod(shape)
+    bits = torch.randint(0, 1 << width, (n,), generator=g, dtype=torch.int64)
+    bits = torch.where(bits >= 1 << (width - 1), bits - (1 << width), bits).to(_INT_OF[dtype])
+    t = bits.view(dtype)
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.0, -1.0], dtype=dtype)
+    sub = torch.tensor([1, -(1 << (width - 1)) + 1], dtype=_INT_OF[dtype]).view(dtype)  # +/- smallest subnormal
+    front = torch.cat([special, sub])[: n]
+    t[: front.numel()] = front
+    return t.reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", PLANE_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 5), (1,), (7, 13), (2, 3, 4, 5), (5000, 3)])
+def test_float_planes_roundtrip_bit_exact(tmp_path, dtype, shape):
+    t = random_bits(dtype, shape, seed=zlib.crc32(f'{dtype}{shape}'.encode()))
+    path = write(tmp_path / "p.cllm", {"t": (t, C.Encoding.FLOAT_PLANES)}, chunk_size=C.MIN_CHUNK_SIZE)
+    with open_cllm(path) as f:
+        assert f.version == (1, 1)
+        e = f.entry("t")
+        assert e.encoding == C.Encoding.FLOAT_PLANES and e.dtype == TORCH_TO_DTYPE[dtype]
+        assert same_bits(f.get_tensor("t"), t)
+        assert same_bits(f.get_raw("t").data, t)
+        exponent, sign_mantissa = f.get_planes("t")
+        k = C.FLOAT_PLANES_LAYOUT[e.dtype][2]
+        assert exponent.dtype == torch.uint8 and exponent.numel() == t.numel()
+        assert sign_mantissa.numel() == k * t.numel()
+        assert f.verify() == []
+
+
+@pytest.mark.parametrize("dtype", PLANE_DTYPES)
+def test_float_planes_compress_gaussian_weights(tmp_path, dtype):
+    """Gaussian weights * 0.02: the exponent plane takes about 3 bits, sign+mantissa planes
+    are nearly raw: well under the raw size, and within 3% of the order-0 entropy of the
+    byte planes (each plane's histogram entropy)."""
+    from codecllm_format.planes import exponent_entropy_bits, split_planes
+
+    t = (torch.randn(256, 1024, generator=torch.Generator().manual_seed(5)) * 0.02).to(dtype)
+    path = write(tmp_path / "g.cllm", {"t": (t, C.Encoding.FLOAT_PLANES)})
+    exponent, sign_mantissa = split_planes(t)
+    n = t.numel()
+    bound = sum(exponent_entropy_bits(p) * n / 8 for p in [exponent, *sign_mantissa.reshape(-1, n)])
+    with open_cllm(path) as f:
+        stored = f.entry("t").stored_length
+        assert same_bits(f.get_tensor("t"), t)
+    assert stored < {torch.bfloat16: 0.7, torch.float16: 0.9, torch.float32: 0.85}[dtype] * n * t.element_size()
+    assert stored < 1.03 * bound, (stored, bound)
+
+
+def test_float_planes_exponent_is_the_only_plane_that_shrinks(tmp_path):
+    t = (torch.randn(128, 512, generator=torch.Generator().manual_seed(6)) * 0.02).to(torch.bfloat16)
+    with open_cllm(write(tmp_path / "s.cllm", {"t": (t, C.Encoding.FLOAT_PLANES)})) as f:
+        exp_stream, sm_stream = f.entry("t").streams
+        assert exp_stream.stored_length < 0.5 * exp_stream.length
+        assert sm_stream.stored_length >= sm_stream.length  # raw blocks: incompressible
+
+
+def test_float_planes_rejects_other_dtypes(tmp_path):
+    with CllmWriter(tmp_path / "r.cllm") as w:
+        w.begin_group("g")
+        for dtype in (torch.float64, torch.int8, torch.int32, torch.bool):
+            with pytest.raises(ValueError, match=r"tensor 'x': float_planes takes bfloat16, float16 or float32"):
+                w.add_tensor("x", torch.zeros(3, dtype=dtype), C.Encoding.FLOAT_PLANES)
+            w._names.discard("x")
+        w.abort()
+
+
+def test_float_planes_same_bytes_whatever_the_threads(tmp_path):
+    t = make(torch.bfloat16, (700, 300), 40)
+    blobs = [write(tmp_path / f"{n}.cllm", {"t": (t, C.Encoding.FLOAT_PLANES)}, threads=n, chunk_size=CS).read_bytes()
+             for n in (1, 2, 3)]
+    assert blobs[0] == blobs[1] == blobs[2]
+
+
+@pytest.mark.parametrize("dtype", PLANE_DTYPES)
+def test_float_planes_progress_totals_the_input_bytes(tmp_path, dtype):
+    t = make(dtype, (777, 129), 41)
+    got = []
+    with CllmWriter(tmp_path / "p.cllm", chunk_size=CS) as w:
+        w.begin_group("g")
+        w.add_tensor("t", t, C.Encoding.FLOAT_PLANES, progress=got.append)
+        w.finish()
+    assert all(n >= 0 for n in got) and sum(got) == t.numel() * t.element_size()
+
+
+def test_float_planes_file_relabelled_1_0_is_refused(tmp_path):
+    from codecllm_format.errors import UnsupportedVersion
+    from codecllm_format.writer import build_header
+
+    path = write(tmp_path / "v.cllm", {"t": (torch.randn(10).to(torch.bfloat16), C.Encoding.FLOAT_PLANES),
+                                       "r": (torch.randn(3), C.Encoding.RAW)})
+    with open_cllm(path) as f:
+        h = f.header
+        assert f.version == (1, 1)
+    data = bytearray(path.read_bytes())
+    data[: C.HEADER_SIZE] = build_header(h.index_offset, h.index_length, h.index_checksum, h.file_length, minor=0)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersion, match="encoding FLOAT_PLANES, which needs minor 1"):
+        open_cllm(path)
+
+
+def test_join_planes_names_the_tensor_in_errors():
+    from codecllm_format.errors import DecodeError
+    from codecllm_format.planes import join_planes
+
+    with pytest.raises(DecodeError, match="tensor 'w': sign_mantissa plane is 5 bytes, 3 values of F32 need 9"):
+        join_planes(np.zeros(3, np.uint8), np.zeros(5, np.uint8), torch.float32, where="tensor 'w'")
+
+
+def test_float_planes_of_views_and_grad_tensors(tmp_path):
+    """Non-contiguous views and tensors that require grad are written as their values."""
+    base = make(torch.float32, (40, 30), 42)
+    t = base.t()[::2]  # transposed, every other row
+    g = make(torch.bfloat16, (9, 7), 43).requires_grad_(True)
+    path = write(tmp_path / "v.cllm", {"t": (t, C.Encoding.FLOAT_PLANES), "g": (g, C.Encoding.FLOAT_PLANES)})
+    with open_cllm(path) as f:
+        assert same_bits(f.get_tensor("t"), t.contiguous())
+        assert same_bits(f.get_tensor("g"), g.detach())

@@ -112,7 +112,7 @@ def test_writer_output_validates(validator, varied_files, case):
     decode_index(msgpack.packb(obj, use_bin_type=True), offset)  # and the reader agrees
 
 
-@pytest.mark.parametrize("stem", ["int8", "raw", "multi", "extensions"])
+@pytest.mark.parametrize("stem", ["int8", "raw", "multi", "extensions", "planes"])
 def test_vectors_validate(validator, stem):
     obj, _ = read_index(VECTORS / f"{stem}.cllm")
     errors = [e.message for e in validator.iter_errors(to_json(obj))]
@@ -124,6 +124,7 @@ def test_schema_enums_equal_constants():
     assert defs["dtype"]["enum"] == [d.value for d in C.DType]
     assert defs["float_dtype"]["enum"] == sorted(d.value for d in C.FLOAT_DTYPES)
     assert defs["encoding"]["enum"] == [e.value for e in C.Encoding]
+    assert defs["planes_dtype"]["enum"] == sorted(d.value for d in C.FLOAT_PLANES_LAYOUT)
     assert defs["codec"]["enum"] == [c.value for c in C.Codec]
     stream = defs["stream"]["properties"]
     assert stream["chunk_size"]["minimum"] == C.MIN_CHUNK_SIZE
@@ -172,7 +173,10 @@ NEGATIVE = {
     "missing tensor dtype": _delete(lambda o: (_tensor(o, W), "dtype")),
     "unknown dtype": _set(lambda o: (_tensor(o, BIAS), "dtype"), 99),
     "dtype 0": _set(lambda o: (_tensor(o, BIAS), "dtype"), 0),
-    "unknown encoding": _set(lambda o: (_tensor(o, BIAS), "encoding"), 3),
+    "unknown encoding": _set(lambda o: (_tensor(o, BIAS), "encoding"), 99),
+    "float_planes with one stream": _set(lambda o: (_tensor(o, BIAS), "encoding"), int(C.Encoding.FLOAT_PLANES)),
+    "float_planes of F64": lambda o: _tensor(o, W).update(encoding=int(C.Encoding.FLOAT_PLANES), dtype=int(C.DType.F64)),
+    "float_planes of an int dtype": lambda o: _tensor(o, W).update(encoding=int(C.Encoding.FLOAT_PLANES), dtype=int(C.DType.I16)),
     "unknown codec": _set(lambda o: (_tensor(o, BIAS)["streams"][0], "codec"), 99),
     "int8_row 1-D": _set(lambda o: (_tensor(o, W), "shape"), [64 * 80]),
     "int8_row of an int dtype": _set(lambda o: (_tensor(o, W), "dtype"), int(C.DType.I8)),

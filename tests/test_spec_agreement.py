@@ -64,7 +64,8 @@ def parse_tables(markdown: str) -> dict[str, list[dict[str, str]]]:
             j += 1
         rows: list[list[str]] = []
         while j < len(lines) and lines[j].lstrip().startswith("|"):
-            cells = [_cell(c) for c in lines[j].strip().strip("|").split("|")]
+            # a cell may hold an escaped pipe (\|, markdown's way to put | in a table)
+            cells = [_cell(c).replace("\\|", "|") for c in re.split(r"(?<!\\)\|", lines[j].strip().strip("|"))]
             if not all(re.fullmatch(r":?-{3,}:?", c) for c in cells):
                 rows.append(cells)
             j += 1
@@ -243,3 +244,27 @@ def test_parser_catches_a_changed_value():
     changed = parse_tables(edited)
     new = next(r for r in changed["constants"] if r["constant"] == "MAX_NDIM")
     assert _int(new["value"]) == C.MAX_NDIM + 1
+
+
+def test_float_planes_table_equals_code(tables):
+    """Section 10.3's bit-mapping table: its E, M, k columns are constants.FLOAT_PLANES_LAYOUT,
+    and its formulas, evaluated on random bit patterns, give the planes planes.split_planes writes."""
+    import numpy as np
+
+    from codecllm_format.planes import split_planes
+
+    rows = {C.DType[r["dtype"]]: r for r in tables["float planes"]}
+    assert set(rows) == set(C.FLOAT_PLANES_LAYOUT)
+    for dt, r in rows.items():
+        e, m, k = C.FLOAT_PLANES_LAYOUT[dt]
+        assert (_int(r["E"]), _int(r["M"]), _int(r["k"])) == (e, m, k), dt.name
+        assert _int(r["w"]) == 8 * C.DTYPE_SIZE[dt], dt.name
+        w = _int(r["w"])
+        g = np.random.default_rng(int(dt))
+        bits = g.integers(0, 1 << w, size=1000, dtype=np.uint64).astype(np.uint32 if w == 32 else np.uint16)
+        tensor = torch.from_numpy(bits.view(np.int32 if w == 32 else np.int16).copy()).view(DTYPE_TO_TORCH[dt])
+        exponent, sign_mantissa = split_planes(tensor)
+        py = [int(b) for b in bits]
+        assert exponent.tolist() == [eval(r["exponent byte"], {"bits": b}) for b in py], dt.name  # noqa: S307
+        sm = [eval(r["sign_mantissa value sm (k bytes)"], {"bits": b}) for b in py]  # noqa: S307
+        assert sign_mantissa.tobytes() == bytes((v >> (8 * j)) & 0xFF for j in range(k) for v in sm), dt.name

@@ -1,5 +1,5 @@
 """Fidelity report of a model folder converted to .cllm: int8 vs the original, and the lossless
-(`--quantize none`) file as a control. CPU only, no network.
+(`--quantize none`: FLOAT_PLANES, bit-exact) file as a control. CPU only, no network.
 
 Per tensor: SQNR (dB) of the stored int8 tensors against the original weights.
 Causal LMs: perplexity on a fixed English passage and the mean KL divergence of the next-token
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
             r = convert(folder, path, quantize=quantize)
             files["int8" if quantize == "int8" else "lossless"] = path
             report[f"{quantize}_ratio_bf16"] = r.ratio_bf16
+            report[f"{quantize}_lossless_tensors"] = r.planes_tensors  # float_planes (bit-exact)
         rows = tensor_sqnr(folder, files["int8"])
         values = sorted(v for _, v in rows)
         report["sqnr_db"] = {"tensors": len(values), "min": values[0], "median": values[len(values) // 2],

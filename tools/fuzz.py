@@ -136,7 +136,25 @@ def _seed_raw(path: Path) -> None:
         w.finish()
 
 
-SEED_BUILDERS: dict[str, Callable[[Path], None]] = {"small": _seed_small, "tiny": _seed_tiny, "raw": _seed_raw}
+def _seed_planes(path: Path) -> None:
+    """Format 1.1: float_planes bf16 (both planes in 2 chunks), f16 (2 byte planes), f32 (3),
+    a 0-d and an empty one, beside an int8_row and a raw tensor."""
+    g = torch.Generator().manual_seed(7)
+    with cf.CllmWriter(path, chunk_size=4096) as w:
+        w.begin_group("p")
+        w.add_tensor("p.bf16", (torch.randn(50, 100, generator=g) * 0.02).bfloat16(), cf.Encoding.FLOAT_PLANES)
+        w.add_tensor("p.f16", torch.randn(3, 7, generator=g).half(), cf.Encoding.FLOAT_PLANES)
+        w.add_tensor("p.f32", torch.randn(33, generator=g), cf.Encoding.FLOAT_PLANES)
+        w.add_tensor("p.scalar", torch.tensor(-0.0).bfloat16(), cf.Encoding.FLOAT_PLANES)
+        w.add_tensor("p.empty", torch.zeros(2, 0).half(), cf.Encoding.FLOAT_PLANES)
+        w.begin_group("q")
+        w.add_tensor("q.w", torch.randn(8, 16, generator=g), cf.Encoding.INT8_ROW)
+        w.add_tensor("q.b", torch.randn(8, generator=g), cf.Encoding.RAW)
+        w.finish()
+
+
+SEED_BUILDERS: dict[str, Callable[[Path], None]] = {"small": _seed_small, "tiny": _seed_tiny, "raw": _seed_raw,
+                                                     "planes": _seed_planes}
 
 
 def build_seeds(folder: Path | None = None) -> list[bytes]:
@@ -772,6 +790,17 @@ def reference_decode(blob: bytes) -> tuple[dict, bool]:
             with np.errstate(over="ignore", invalid="ignore"):
                 prod = torch.from_numpy(q.astype(np.float32) * s[:, None])
             value = prod.to(TORCH_DTYPES[dt])
+        elif t["encoding"] == 3:  # FLOAT_PLANES, spec section 10.3, with Python-int arithmetic
+            w, m, k = {3: (16, 7, 1), 2: (16, 10, 2), 1: (32, 23, 3)}[dt]
+            e = stream_bytes(t["streams"][0])
+            sb = stream_bytes(t["streams"][1])
+            n = len(e)
+            sm = [sum(sb[j * n + i] << (8 * j) for j in range(k)) for i in range(n)]
+            if dt == 2 and (any(x > 31 for x in e) or any(x >> 11 for x in sm)):
+                raise ValueError("F16 planes with spare bits set (the reader must refuse them)")
+            bits = [(v >> m) << (w - 1) | x << m | (v & ((1 << m) - 1)) for x, v in zip(e, sm)]
+            arr = np.array(bits, dtype=np.uint32 if w == 32 else np.uint16).view(np.int32 if w == 32 else np.int16)
+            value = torch.from_numpy(arr.copy()).view(TORCH_DTYPES[dt]).reshape(shape)
         else:
             arr = np.frombuffer(stream_bytes(t["streams"][0]), dtype=NP_DTYPES[dt]).reshape(shape).copy()
             value = torch.from_numpy(arr)

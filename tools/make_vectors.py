@@ -32,8 +32,8 @@ from codecllm_format.writer import build_header
 
 SEED = 20261127
 LEVEL = 3
-VECTOR_NAMES = ("int8", "raw", "multi", "extensions")
-EXPECTED_OF = {"int8": "int8", "raw": "raw", "multi": "multi", "extensions": "multi"}
+VECTOR_NAMES = ("int8", "raw", "multi", "extensions", "planes")
+EXPECTED_OF = {"int8": "int8", "raw": "raw", "multi": "multi", "extensions": "multi", "planes": "planes"}
 """Vector -> stem of its expected-tensors file (extensions.cllm holds multi.cllm's tensors)."""
 EXPECTED_KEY = "cllm.expected"
 """The expected .safetensors' single metadata key: JSON {keys, metadata, files (base64)}."""
@@ -141,6 +141,51 @@ def _raw_inputs() -> dict[str, torch.Tensor]:
     }
 
 
+def _bits(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `dtype` from raw bit patterns."""
+    if dtype == torch.float32:
+        return torch.from_numpy(np.array(values, np.uint32).view(np.int32).copy()).view(dtype)
+    return torch.from_numpy(np.array(values, np.uint16).view(np.int16).copy()).view(dtype)
+
+
+def _planes_inputs() -> dict[str, torch.Tensor]:
+    """Lossless float_planes tensors: gaussian-like weights over several chunks, and every
+    special bit pattern (NaN payloads, both zeros, infinities, subnormals, extremes)."""
+    weights = uniform(SEED + 50, (40, 125), 0.25) * uniform(SEED + 51, (40, 125), 1.0)  # peaked at 0
+    return {
+        "w_bf16": to_torch(weights, torch.bfloat16),
+        "bf16_special": _bits([0x7FC1, 0xFF80 | 0x41, 0x7F80, 0xFF80, 0x8000, 0x0000, 0x0001, 0x807F,
+                               0x0080, 0x7F7F, 0xFF7F, 0x3F80, 0xBF81], torch.bfloat16),
+        "f16_special": _bits([0x7E01, 0xFC00 | 0x155, 0x7C00, 0xFC00, 0x8000, 0x0000, 0x0001, 0x83FF,
+                              0x0400, 0x7BFF, 0xFBFF, 0x3C00, 0xBC01], torch.float16).reshape(13, 1),
+        "f16": to_torch(uniform(SEED + 52, (3, 7, 11), 3.0), torch.float16),
+        "f32_special": _bits([0x7FC00001, 0xFFBFFFFF, 0x7F800000, 0xFF800000, 0x80000000, 0, 1, 0x807FFFFF,
+                              0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x3F800000, 0xBF800001], torch.float32),
+        "f32": torch.from_numpy(uniform(SEED + 53, (6, 50), 100.0)),
+        "f32_scalar": torch.tensor(-7.125, dtype=torch.float32),
+        "bf16_scalar": torch.tensor(0.5, dtype=torch.bfloat16),
+        "empty_bf16": torch.zeros((0, 4), dtype=torch.bfloat16),
+        "empty_f16": torch.zeros((3, 0, 2), dtype=torch.float16),
+    }
+
+
+PLANE_LAYOUT = {torch.bfloat16: (16, 7, 1), torch.float16: (16, 10, 2), torch.float32: (32, 23, 3)}
+"""dtype -> (width w, mantissa bits M, sign_mantissa bytes k): spec/FORMAT.md section 10.3."""
+
+
+def reference_planes(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(exponent, sign_mantissa) uint8 planes of a float tensor by the spec's formulas
+    (numpy on Python-int bit patterns, independent of codecllm_format.planes)."""
+    w, m, k = PLANE_LAYOUT[t.dtype]
+    bits = t.contiguous().reshape(-1).view(torch.int32 if w == 32 else torch.int16).numpy()
+    bits = [int(b) & ((1 << w) - 1) for b in bits.tolist()]
+    exponent = np.array([(b >> m) & (0xFF if w == 32 or m == 7 else 0x1F) for b in bits], np.uint8)
+    sm = [(b >> (w - 1)) << m | (b & ((1 << m) - 1)) for b in bits]
+    # k byte planes: byte j of every value, plane after plane
+    sign_mantissa = np.array([(v >> (8 * j)) & 0xFF for j in range(k) for v in sm], np.uint8)
+    return exponent, sign_mantissa
+
+
 CONFIG_JSON = json.dumps(
     {"architectures": ["TinyTestForCausalLM"], "model_type": "tiny-test", "hidden_size": 96,
      "num_hidden_layers": 2, "vocab_size": 36, "tie_word_embeddings": True},
@@ -177,6 +222,11 @@ def _expected(tensors: dict[str, tuple[torch.Tensor, Encoding]], aliases: dict[s
             out[name] = deq
             out[name + ".__q"] = torch.from_numpy(q)
             out[name + ".__scale"] = torch.from_numpy(scale)
+        elif enc == Encoding.FLOAT_PLANES:
+            exponent, sign_mantissa = reference_planes(t)
+            out[name] = t.clone()
+            out[name + ".__exponent"] = torch.from_numpy(exponent)
+            out[name + ".__sign_mantissa"] = torch.from_numpy(sign_mantissa)
         else:
             out[name] = t.clone()
     for alias, target in aliases.items():
@@ -259,6 +309,9 @@ def make_vectors(out: Path) -> list[Path]:
     )
     _vector(out, "multi", _multi_layers(), **multi_kw)
     add_extensions(out / "multi.cllm", out / "extensions.cllm")
+    planes = _planes_inputs()  # format 1.1: float_planes (lossless)
+    _vector(out, "planes", [("model", [(n, t, Encoding.FLOAT_PLANES) for n, t in planes.items()])],
+            chunk_size=C.MIN_CHUNK_SIZE, metadata={"vector": "planes", C.META_QUANTIZE: "none"})
     return [out / f"{stem}.cllm" for stem in VECTOR_NAMES] + [out / f"{stem}.safetensors" for stem in sorted(set(EXPECTED_OF.values()))]
 
 

@@ -70,13 +70,25 @@ class ZstdCodec(ChunkCodec):
     codec_id = Codec.ZSTD
     name = "zstd"
 
-    def __init__(self, level: int = 3):
+    def __init__(self, level: int = 3, params: dict | None = None):
+        """Args:
+            level: zstd compression level, -7..22.
+            params: instead of `level`, explicit zstd compression parameters (keyword
+                arguments of zstandard.ZstdCompressionParameters: window_log, strategy, ...).
+        """
         if not -7 <= level <= 22:
             raise ValueError(f"zstd level must be in [-7, 22], got {level}")
         self.level = level
-        self._cctx = zstandard.ZstdCompressor(
-            level=level, write_content_size=True, write_checksum=False, write_dict_id=False
-        )
+        self.params = dict(params) if params else None
+        if self.params:
+            cp = zstandard.ZstdCompressionParameters(
+                **self.params, write_content_size=True, write_checksum=False, write_dict_id=False
+            )
+            self._cctx = zstandard.ZstdCompressor(compression_params=cp)
+        else:
+            self._cctx = zstandard.ZstdCompressor(
+                level=level, write_content_size=True, write_checksum=False, write_dict_id=False
+            )
         self._local = threading.local()  # a ZstdDecompressor must not be used by two threads at once
 
     @property

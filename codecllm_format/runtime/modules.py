@@ -4,6 +4,7 @@ weight, computes, and drops it (decompress -> compute -> free). They hold no wei
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -96,3 +97,44 @@ class CompressedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, weight={self.name!r}, group={self.group}"
+
+
+class CompressedFloatLinear(nn.Module):
+    """Replaces nn.Linear whose weight is lossless (float_planes) in the file: each forward asks
+    the provider for the weight decoded bit-exact, computes exactly what nn.Linear computes
+    (F.linear with the weight in the layer's dtype) and drops it. Same outputs as the original
+    model, bit for bit, with the weight compressed between forwards.
+
+    Args:
+        name: stored tensor name of the weight (aliases resolved).
+        group: layer group index of that tensor.
+        provider: a WeightProvider with `float_weight`.
+        in_features, out_features: the layer's sizes.
+        bias: the bias parameter (already materialized) or None.
+        dtype: the layer's weight dtype in the model (the decoded weight is cast to it).
+    """
+
+    def __init__(self, name: str, group: int, provider, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.name = name
+        self.group = group
+        self.provider = provider
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.provider.float_weight(self.name)
+        if w.dtype != self.dtype:
+            w = w.to(self.dtype)
+        if w.device != x.device:
+            w = w.to(x.device)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={self.dtype}, weight={self.name!r} (lossless), group={self.group}")

@@ -1,7 +1,7 @@
 """Where compressed modules get their weights: the WeightProvider interface and the CPU one.
 
 A provider hands out int8 weights (and their per-row float32 scales) on its device, decoded
-from a .cllm file. The loader wraps each transformer block (a layer group of the file) in
+from a .cllm file, and (optionally, `float_weight`) lossless float_planes weights. The loader wraps each transformer block (a layer group of the file) in
 begin_group / end_group calls, from forward hooks, so a provider can prefetch a group at its
 begin and free or reuse the group's decoded buffers at its end. The GPU runtime implements the
 same interface (runtime/gpu.py).
@@ -85,7 +85,7 @@ class CpuProvider:
                 raise DeviceError(f"threads must be >= 1, got {threads}")
             cllm.threads = threads
         self._ends: dict[int, np.ndarray] = {}
-        self.stats = {"linear_calls": 0, "embedding_calls": 0, "bytes_decoded": 0}
+        self.stats = {"linear_calls": 0, "embedding_calls": 0, "float_calls": 0, "bytes_decoded": 0}
         self._closed = False
 
     # --- helpers -------------------------------------------------------------------------------
@@ -163,6 +163,24 @@ class CpuProvider:
         q_t = torch.from_numpy(q)[inverse]
         s_t = torch.from_numpy(s.copy())[inverse]
         return q_t, s_t
+
+    def float_weight(self, name: str) -> torch.Tensor:
+        """The weight of a float_planes tensor, decoded bit-exact (in its stored dtype) for one
+        forward: CompressedFloatLinear calls this. Optional in the WeightProvider protocol: a
+        provider without it gets such weights as ordinary parameters decoded at load.
+
+        Raises:
+            LoadError: the tensor is not float_planes, or the provider was closed.
+        """
+        if self._closed:
+            raise LoadError("the model was closed: its weight provider is no longer usable")
+        e = self.cllm.entry(name)
+        if e.encoding != C.Encoding.FLOAT_PLANES:
+            raise LoadError(f"tensor {name!r} is not float_planes (encoding {e.encoding.name})")
+        w = self.cllm.get_raw(name).data
+        self.stats["float_calls"] += 1
+        self.stats["bytes_decoded"] += sum(st.length for st in e.streams)
+        return w
 
     def begin_group(self, group: int) -> None:
         pass
