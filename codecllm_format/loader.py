@@ -557,6 +557,29 @@ def _init_buffers(model, items: list[tuple[str, nn.Module, str, str]], device: t
         )
 
 
+def _float_linear_sources(model, cllm: CllmFile) -> set[str]:
+    """Stored names of the lossless (float_planes) weights `_bind` decodes per forward: those of
+    nn.Linear modules that share their weight with nothing (a GPU provider streams these; tables
+    and tied weights are loaded once as parameters)."""
+    if not any(t.encoding == C.Encoding.FLOAT_PLANES for t in cllm.index.tensors):
+        return set()
+    slots, _ = _model_slots(model)
+    file_keys = set(cllm.keys())
+    to_file, _ = _prefix_mapping(model, slots.keys(), file_keys)
+    uses = defaultdict(int)
+    for s in slots.values():
+        uses[id(s.tensor)] += 1
+    out = set()
+    for mname, mod in model.named_modules():
+        s = slots.get(f"{mname}.weight" if mname else "weight")
+        if s is None or _replaceable(mod) != "linear" or uses[id(s.tensor)] > 1:
+            continue
+        fname = to_file(s.name)
+        if fname in file_keys and cllm.entry(fname).encoding == C.Encoding.FLOAT_PLANES:
+            out.add(cllm.entry(fname).name)
+    return out
+
+
 def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
           place: Callable[[str], torch.device] | None = None) -> list:
     """Swap int8 layers for compressed modules, load raw tensors, re-create buffers, hook
@@ -864,6 +887,10 @@ def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | N
             model = _build_on_meta(cls, config, compute)
             _load_generation_config(model, folder)
             tok = _load_tokenizer(cllm, folder) if tokenizer else None
+        if getattr(provider_cls, "streams_planes", False) and "planes" not in runtime_options:
+            # (a multi-GPU split loads lossless weights as parameters: MultiDeviceProvider has no float_weight)
+            single = devices is None or len(devices) == 1
+            runtime_options["planes"] = _float_linear_sources(model, cllm) if single else set()
         if devices is None:
             provider = provider_cls(cllm, device=dev, **runtime_options)
             hooks = _bind(model, cllm, provider, dev)

@@ -17,6 +17,7 @@ from tiny_models import make_folder, model_class  # noqa: E402
 
 import codecllm_format  # noqa: E402
 from codecllm_format import Encoding  # noqa: E402
+from codecllm_format import constants as C  # noqa: E402
 from codecllm_format.convert import convert  # noqa: E402
 from codecllm_format.export import export  # noqa: E402
 from codecllm_format.runtime.modules import CompressedFloatLinear  # noqa: E402
@@ -129,19 +130,28 @@ def test_a_provider_without_float_weight_gets_parameters(lossless, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_load_equals_transformers_on_the_gpu(lossless):
-    """device='cuda': lossless weights (decoded at load until the GPU runtime streams planes)
-    give transformers' outputs on the same GPU, exactly."""
+@pytest.mark.parametrize("tier", ["gpu", "gpu-compressed", "host", "disk"])
+def test_gpu_load_equals_transformers_on_the_gpu(lossless, tier):
+    """device='cuda', every tier: lossless Linear weights are decoded from their planes with the
+    group (nvCOMP) and re-interleaved per forward (Triton), giving transformers' outputs on the
+    same GPU exactly."""
     arch, dtype, hf, path, tok = lossless
     compute = torch.float32 if dtype == torch.float16 else dtype
     ref = _reference(arch, hf, compute).to("cuda")
     ids = torch.randint(7, len(tok), (2, 11), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         want = ref(ids)
-    with codecllm_format.load(path, device="cuda", dtype=compute) as m:
+    with codecllm_format.load(path, device="cuda", dtype=compute, residency=tier) as m:
         got = m(ids)
+        got2 = m(ids)  # second forward: slots reused, planes decoded again
+        n_float = sum(isinstance(mod, CompressedFloatLinear) for mod in m.model.modules())
+        streamed = sum(len(lay.planes) for lay in m.provider.layouts.values())
+        calls = m.provider.stats["float_calls"]
     key = "logits" if arch != "bert" else "last_hidden_state"
+    assert n_float > 0 and streamed == n_float, (n_float, streamed)
+    assert calls == 2 * n_float
     assert torch.equal(getattr(got, key), getattr(want, key))
+    assert torch.equal(getattr(got2, key), getattr(want, key))
 
 
 def test_lossless_weights_are_decoded_inside_their_group(lossless):
@@ -177,3 +187,35 @@ def test_lossless_weights_are_decoded_inside_their_group(lossless):
                 assert open_group is not None and m.file.entry(arg).group == open_group, (meth, arg)
         assert sum(e[0] == "float_weight" for e in events) > 0
         assert all(r() is None for r in handed), "a decoded lossless weight outlived the forward"
+
+
+def test_gpu_layouts_place_planes_where_a_cpu_decode_finds_them(lossless):
+    """runtime/layout.py on the CPU: decoding every chunk of a group's layout into a slot (as
+    nvCOMP does on the GPU) leaves each float_planes tensor's planes at its PlaneSlice offsets."""
+    import zstandard
+
+    from codecllm_format.planes import join_planes
+    from codecllm_format.runtime.layout import build_layouts
+
+    _arch, _dtype, _hf, path, _tok = lossless
+    with codecllm_format.open(path) as f:
+        layouts = build_layouts(f.index)
+        assert sum(len(lay.planes) for lay in layouts.values()) == sum(
+            t.encoding == C.Encoding.FLOAT_PLANES for t in f.index.tensors)
+        some = {next(iter(lay.planes)) for lay in layouts.values() if lay.planes}
+        only = build_layouts(f.index, planes=some)
+        assert {n for lay in only.values() for n in lay.planes} == some
+        dz = zstandard.ZstdDecompressor()
+        for lay in layouts.values():
+            data = f.group_bytes(lay.gid)
+            slot = bytearray(lay.decoded_bytes)
+            for off, size, out, raw in zip(lay.in_offsets.tolist(), lay.in_sizes.tolist(),
+                                           lay.out_offsets.tolist(), lay.out_sizes.tolist()):
+                slot[out:out + raw] = dz.decompress(bytes(data[off:off + size]), max_output_size=raw)
+            data.release()
+            for name, ps in lay.planes.items():
+                k = C.FLOAT_PLANES_LAYOUT[ps.dtype][2]
+                got = join_planes(slot[ps.exp_offset:ps.exp_offset + ps.numel],
+                                  slot[ps.sm_offset:ps.sm_offset + k * ps.numel], ps.dtype)
+                want = f.get_tensor(name)
+                assert torch.equal(got.view(torch.uint8), want.reshape(-1).view(torch.uint8)), name

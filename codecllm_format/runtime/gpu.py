@@ -28,9 +28,12 @@ from ..checksums import xxh3_64
 from ..codecs.ans import TRUST_HINT, check_ans_chunk_sizes
 from ..codecs.zstd import check_frame_structure
 from ..errors import ChecksumError, CllmError, DecodeError, DeviceError, TrustRequired
+from .. import constants as C
 from ..reader import CllmFile
+from ..writer import DTYPE_TO_TORCH
 from .disk import GroupReader
 from .layout import GroupLayout, build_layouts
+from .planes import interleave_planes
 from .nvcomp_decoder import EncodedGroup, GroupDecoder, file_encoding, import_nvcomp
 from .plan import STAGED_TIERS, ResidencyPlan, plan_residency
 
@@ -111,9 +114,13 @@ class GpuProvider:
         read_ahead: disk tier: groups read ahead from the file into pinned memory by a
             worker thread (read_ahead + 1 pinned buffers of the largest group).
         verbose: print the residency plan (it is always logged at INFO).
+        planes: lossless (float_planes) weights to stream and serve through float_weight (None:
+            all; the loader passes the nn.Linear weights it decodes per forward).
         groups: serve only these layer groups (None: all). A multi-GPU split (runtime/multi.py)
             gives each device's provider the groups placed on that device.
     """
+
+    streams_planes = True  # the loader passes `planes=` (see float_weight)
 
     def __init__(
         self,
@@ -130,6 +137,7 @@ class GpuProvider:
         cpu_fallback=None,
         read_ahead: int = 2,
         groups: set[int] | None = None,
+        planes: set[str] | None = None,
     ):
         if not torch.cuda.is_available():
             raise DeviceError('device="cuda" but CUDA is not available (no GPU, or a CPU-only PyTorch build)')
@@ -155,7 +163,7 @@ class GpuProvider:
         self.cpu_fallback = cpu_fallback
         if residency is None:
             residency = "auto" if max_vram is not None else "host"
-        self.layouts = build_layouts(f.index)
+        self.layouts = build_layouts(f.index, planes)
         if groups is not None:
             self.layouts = {g: lay for g, lay in self.layouts.items() if g in groups}
         if any(lay.codec == "ans" for lay in self.layouts.values()):
@@ -165,6 +173,7 @@ class GpuProvider:
                 raise CllmError(f"codec='zstd': {f.path.name} stores its int8 weights as nvCOMP ANS, which the tiers use "
                                 f"as stored; use codec='auto' (or 'ans'), or load a zstd file")
         self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
+        self._planes_group = {name: gid for gid, lay in self.layouts.items() for name in lay.planes}
         self.plan: ResidencyPlan = plan_residency(
             [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve
         )
@@ -182,8 +191,11 @@ class GpuProvider:
         self._transient: list[int] = []
         self._current: int | None = None
         self._clock = 0
-        self.stats = {"decodes": 0, "copies": 0, "prefetched": 0}
+        self.stats = {"decodes": 0, "copies": 0, "prefetched": 0, "float_calls": 0}
+        self._planes_checked: set[str] = set()
         summary = self.plan.summary() + f"\n  in-memory codec of host/gpu-compressed groups: {self.codec}"
+        if self._float_scratch is not None:
+            summary += f"\n  lossless weights re-interleaved per use into a {self._float_scratch.numel() / 2**20:.1f} MiB buffer"
         log.info(summary)
         if verbose:
             print(summary)
@@ -283,6 +295,10 @@ class GpuProvider:
         self.plan.staging_bytes = max(staged) if staged else 0
         self.plan.resident_bytes = sum(self.resident[g].numel() for g in self.resident) + sum(
             self.dev_store[g].numel() for g in self.dev_store)
+        # Lossless (float_planes) weights are re-interleaved per use into one scratch buffer.
+        float_bytes = max((ps.numel * DTYPE_TO_TORCH[ps.dtype].itemsize
+                           for lay in self.layouts.values() for ps in lay.planes.values()), default=0)
+        self._float_scratch = torch.empty(float_bytes, dtype=torch.uint8, device=dev) if float_bytes else None
         self.slots: list[_Slot] = []
         for k in range(self.plan.slots):
             out = torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=dev)
@@ -425,19 +441,11 @@ class GpuProvider:
             slot.free_event = torch.cuda.Event()
             slot.free_event.record(torch.cuda.current_stream(self.device))
 
-    def linear_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        hit = self._resident_views.get(name)
-        if hit is not None:  # gpu tier: the same two views every call
-            return hit
-        asked = name
-        name = self.file.index.aliases.get(name, name)
-        gid = self._tensor_group[name]
-        lay = self.layouts[gid]
-        sl = lay.tensors[name]
+    def _group_buffer(self, gid: int) -> torch.Tensor:
+        """The decoded bytes of group `gid` for the current forward: its resident buffer (gpu
+        tier) or the slot it is (being) decoded into."""
         if self.plan.tiers[gid] == "gpu":
-            buf = self.resident[gid]
-            views = self._resident_views[asked] = self._views(buf, sl)
-            return views
+            return self.resident[gid]
         if gid != self._current:
             # A layer outside any hooked block (e.g. lm_head): decode on demand, free lazily.
             self._release_transients()
@@ -447,10 +455,47 @@ class GpuProvider:
             self._prefetch_after(gid)
         else:
             slot = self._active[gid]
+        return slot.out
+
+    def linear_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self._resident_views.get(name)
+        if hit is not None:  # gpu tier: the same two views every call
+            return hit
+        asked = name
+        name = self.file.index.aliases.get(name, name)
+        gid = self._tensor_group[name]
+        sl = self.layouts[gid].tensors[name]
+        if self.plan.tiers[gid] == "gpu":
+            views = self._resident_views[asked] = self._views(self.resident[gid], sl)
+            return views
+        buf = self._group_buffer(gid)
+        slot = self._active[gid]
         views = self._slot_views.get((name, slot.index))
         if views is None:  # a slot's buffer lives as long as the provider: its views too
-            views = self._slot_views[(name, slot.index)] = self._views(slot.out, sl)
+            views = self._slot_views[(name, slot.index)] = self._views(buf, sl)
         return views
+
+    def float_weight(self, name: str) -> torch.Tensor:
+        """A lossless (float_planes) weight for one forward, bit-exact: its planes are decoded
+        with the group (nvCOMP, in the slot; resident in the gpu tier) and re-interleaved here
+        into one scratch buffer (runtime/planes.py), valid until the next float_weight call on
+        this stream. Tensors outside the streamed layouts are decoded on the CPU."""
+        name = self.file.index.aliases.get(name, name)
+        gid = self._planes_group.get(name)
+        if gid is None:
+            return self.cpu_fallback.float_weight(name).to(self.device, non_blocking=True)
+        ps = self.layouts[gid].planes[name]
+        buf = self._group_buffer(gid)
+        dtype = DTYPE_TO_TORCH[ps.dtype]
+        k = C.FLOAT_PLANES_LAYOUT[ps.dtype][2]
+        out = self._float_scratch[: ps.numel * dtype.itemsize].view(dtype)
+        validate = ps.dtype == C.DType.F16 and name not in self._planes_checked  # spare bits, once
+        interleave_planes(buf[ps.exp_offset : ps.exp_offset + ps.numel],
+                          buf[ps.sm_offset : ps.sm_offset + k * ps.numel], dtype, out=out,
+                          validate=validate, where=f"tensor {name!r}")
+        self._planes_checked.add(name)
+        self.stats["float_calls"] += 1
+        return out.view(ps.shape)
 
     @staticmethod
     def _views(buf: torch.Tensor, sl) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""Per-group decode layouts: where each int8 chunk sits in the group's byte range, and where
-its decoded bytes go in a slot. Built from the index alone (no torch-CUDA), tested on the CPU."""
+"""Per-group decode layouts: where each chunk of the group's int8 (int8_row) and lossless
+(float_planes) tensors sits in the group's byte range, and where its decoded bytes go in a slot. Built from the index alone (no torch-CUDA), tested on the CPU."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ class TensorSlice:
 
 
 @dataclass(frozen=True)
+class PlaneSlice:
+    """Where one float_planes tensor's decoded planes sit in a slot (byte offsets): `numel`
+    exponent bytes at exp_offset, then k * numel sign/mantissa bytes at sm_offset."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: C.DType
+    numel: int
+    exp_offset: int
+    sm_offset: int
+
+
+@dataclass(frozen=True)
 class GroupLayout:
     gid: int
     name: str
@@ -47,23 +60,33 @@ class GroupLayout:
     transformer blocks): such groups can share one nvCOMP decompression config."""
     codec: str = "zstd"
     """Codec of the group's int8 chunks in the file ("zstd" or "ans": one per group, spec 11)."""
+    planes: dict[str, PlaneSlice] = dataclasses.field(default_factory=dict)
+    """The group's float_planes tensors (decoded to planes in the slot, interleaved per use)."""
 
     @property
     def cost(self) -> GroupCost:
         return GroupCost(self.gid, self.name, self.file_length, self.decoded_bytes)
 
 
-def build_layouts(index: Index) -> dict[int, GroupLayout]:
-    """A GroupLayout for every group holding int8_row tensors (other groups are not streamed)."""
+def build_layouts(index: Index, planes: set[str] | None = None) -> dict[int, GroupLayout]:
+    """A GroupLayout for every group holding int8_row or float_planes tensors (other groups are
+    not streamed). A group decodes in one batched call of one codec: float_planes tensors whose
+    chunks use another codec than the group's int8 tensors (an ANS file) are left out.
+    `planes`: the float_planes tensors to stream (None: all of them; the loader passes the
+    Linear weights it decodes per forward, not tables it loads once)."""
     per_group: dict[int, list] = {}
     for t in index.tensors:
-        if t.encoding == C.Encoding.INT8_ROW:
+        if t.encoding == C.Encoding.INT8_ROW or (
+                t.encoding == C.Encoding.FLOAT_PLANES and (planes is None or t.name in planes)):
             per_group.setdefault(t.group, []).append(t)
     layouts = {}
     for gid, tensors in per_group.items():
+        int8 = [t for t in tensors if t.encoding == C.Encoding.INT8_ROW]
+        group_codec = (int8 or tensors)[0].streams[0].codec
+        tensors = [t for t in tensors if all(st.codec == group_codec for st in t.streams)]
         g = index.groups[gid]
         in_off, in_size, out_off, out_size, sums = [], [], [], [], []
-        slices = {}
+        slices, planes = {}, {}
         pos = 0
         for t in tensors:
             offsets = []
@@ -77,7 +100,10 @@ def build_layouts(index: Index) -> dict[int, GroupLayout]:
                 out_size.append(ch["raw"].astype(np.int64))
                 sums.append(ch["checksum"])
                 pos += stream.length
-            slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1])
+            if t.encoding == C.Encoding.INT8_ROW:
+                slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1])
+            else:
+                planes[t.name] = PlaneSlice(t.name, tuple(t.shape), t.dtype, t.numel, offsets[0], offsets[1])
         layouts[gid] = GroupLayout(
             gid=gid,
             name=g.name,
@@ -90,9 +116,9 @@ def build_layouts(index: Index) -> dict[int, GroupLayout]:
             checksums=np.concatenate(sums),
             decoded_bytes=align_up(pos, SLOT_ALIGNMENT),
             tensors=slices,
+            planes=planes,
         )
         lay = layouts[gid]
         key = (len(lay.out_sizes), lay.decoded_bytes, xxh3_64(lay.out_sizes.tobytes() + lay.out_offsets.tobytes()))
-        codec = tensors[0].streams[0].codec.name.lower()  # the index allows one codec per group
-        layouts[gid] = dataclasses.replace(lay, shape_key=key, codec=codec)
+        layouts[gid] = dataclasses.replace(lay, shape_key=key, codec=group_codec.name.lower())
     return layouts
