@@ -39,6 +39,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 1M)") from None
 
 
+def _quantize(text: str) -> str:
+    from .convert import parse_quantize
+    from .errors import ConversionError
+
+    try:
+        parse_quantize(text)
+    except ConversionError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--quantize ")) from None
+    return text
+
+
 # --- cllm-convert --------------------------------------------------------------------------
 
 
@@ -52,13 +63,17 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
             "Memory stays at about twice the largest tensor; the output appears only when complete."
         ),
         epilog="examples:\n  cllm-convert model.safetensors\n  cllm-convert ./Llama-2-7b-hf -o llama2-7b.cllm --threads 8\n"
-        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd",
+        "  cllm-convert model.safetensors --quantize none     # lossless, raw bytes + zstd\n"
+        "  cllm-convert model.safetensors --quantize int8-g128  # int8, one bfloat16 scale per 128 columns",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json), a Hugging Face model folder, "
                    "or a repo id (org/name) already in the local Hugging Face cache (no network)")
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
-    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: every tensor raw")
+    p.add_argument("--quantize", type=_quantize, default="int8", metavar="{int8,int8-group,int8-gN,none}",
+                   help="int8: per-row int8 for 2-D float tensors (default); int8-gN: int8 with one bfloat16 scale "
+                   f"per N columns (N a power of two in [{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}]; int8-group: "
+                   f"N = {C.DEFAULT_GROUP_SIZE}; format 1.1); none: every tensor raw")
     p.add_argument("--level", type=int, default=None,
                    help="zstd level of all data, -7..22 (default: 1 for int8 values, 3 for raw tensors, "
                    "6 for scales and tensors under 1 MiB, 19 for embedded files)")

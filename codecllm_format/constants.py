@@ -103,12 +103,24 @@ class Encoding(enum.IntEnum):
     INT8_ROW = 2
     """Two streams: int8 values (row-major), then float32 scales, one per row (dim 0).
     value = int8 * scale[row]. Only for float tensors of 2 dimensions."""
+    INT8_GROUP = 4
+    """Two streams: int8 values (row-major), then bfloat16 scales, one per group of
+    `group_size` consecutive columns of a row (the tensor map's `group_size`, a power of two;
+    a row's last group may be partial): value = int8 * scale[row, col // group_size].
+    Only for float tensors of 2 dimensions. Since format 1.1."""
 
 
 ENCODING_STREAMS = {
     Encoding.RAW: ("data",),
     Encoding.INT8_ROW: ("q", "scale"),
+    Encoding.INT8_GROUP: ("q", "scale"),
 }
+
+MIN_GROUP_SIZE = 16
+MAX_GROUP_SIZE = 4096
+"""An INT8_GROUP tensor's `group_size` is a power of two in [MIN_GROUP_SIZE, MAX_GROUP_SIZE]."""
+DEFAULT_GROUP_SIZE = 128
+"""The group size the converter uses for `--quantize int8-group` (benchmarks/RESULTS.md)."""
 
 
 class Codec(enum.IntEnum):
@@ -128,6 +140,7 @@ CHECKSUM_ALGORITHM = Checksum.XXH3_64
 
 # Minor version that introduced each enum value; values absent here are v1.0.
 FEATURE_MINOR: dict[enum.IntEnum, int] = {}
+FEATURE_MINOR[Encoding.INT8_GROUP] = 1
 
 
 def minor_version_for(encodings, codecs) -> int:

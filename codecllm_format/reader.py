@@ -31,7 +31,7 @@ from .errors import (
     UnsupportedVersion,
 )
 from .index import Index, Stream, TensorEntry, align_up, check_minor_version, decode_index
-from .quant import dequantize_int8_rows
+from .quant import dequantize_int8_groups, dequantize_int8_rows, group_count
 from .writer import DTYPE_TO_TORCH
 
 
@@ -48,7 +48,8 @@ class Header:
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A tensor as stored: int8 values and per-row float32 scales (int8_row), or the
+    """A tensor as stored: int8 values and per-row float32 scales (int8_row), int8 values and
+    bfloat16 scales [rows, ceil(cols / group_size)] (int8_group; `entry.group_size`), or the
     logical tensor itself (raw; `scales` is None)."""
 
     data: torch.Tensor
@@ -262,13 +263,22 @@ class CllmFile:
         return out
 
     def get_raw(self, name: str) -> RawTensor:
-        """The tensor as stored: (int8 values, float32 scales) for int8_row; the tensor for raw."""
+        """The tensor as stored: (int8 values, float32 scales [rows]) for int8_row, (int8 values,
+        bfloat16 scales [rows, groups]) for int8_group; the tensor for raw."""
         e = self.entry(name)
         where = f"tensor {e.name!r}"
         if e.encoding == C.Encoding.INT8_ROW:
             q = self._stream_tensor(e.streams[0], torch.int8, e.shape, where + " values")
             s = self._stream_tensor(e.streams[1], torch.float32, (e.shape[0],), where + " scales")
             if s.numel() and not bool((torch.isfinite(s) & (s >= 0)).all()):
+                raise DecodeError(f"{where}: a scale is negative, NaN or infinite")
+            return RawTensor(q, s, e)
+        if e.encoding == C.Encoding.INT8_GROUP:
+            q = self._stream_tensor(e.streams[0], torch.int8, e.shape, where + " values")
+            s = self._stream_tensor(e.streams[1], torch.bfloat16, (e.shape[0], group_count(e.shape[1], e.group_size)),
+                                    where + " scales")
+            f = s.to(torch.float32)  # exact
+            if f.numel() and not bool((torch.isfinite(f) & (f >= 0)).all()):
                 raise DecodeError(f"{where}: a scale is negative, NaN or infinite")
             return RawTensor(q, s, e)
         t = self._stream_tensor(e.streams[0], DTYPE_TO_TORCH[e.dtype], e.shape, where)
@@ -280,6 +290,8 @@ class CllmFile:
         """The tensor in its logical dtype (int8 dequantized), or in `dtype` if given."""
         raw = self.get_raw(name)
         target = dtype or DTYPE_TO_TORCH[raw.entry.dtype]
+        if raw.entry.encoding == C.Encoding.INT8_GROUP:
+            return dequantize_int8_groups(raw.data, raw.scales, raw.entry.group_size, target)
         if raw.scales is not None:
             return dequantize_int8_rows(raw.data, raw.scales, target)
         return raw.data if dtype is None else raw.data.to(dtype)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import constants as C
 from ..checksums import xxh3_64
+from ..errors import LoadError
 from ..index import Index, align_up
 from .plan import GroupCost
 
@@ -52,9 +53,19 @@ class GroupLayout:
 
 
 def build_layouts(index: Index) -> dict[int, GroupLayout]:
-    """A GroupLayout for every group holding int8_row tensors (other groups are not streamed)."""
+    """A GroupLayout for every group holding int8_row tensors (other groups are not streamed).
+
+    Raises:
+        LoadError: the index holds an int8_group tensor: the GPU runtime's fused kernels and
+            slots take per-row scales only (load on the CPU, or convert with --quantize int8).
+    """
     per_group: dict[int, list] = {}
     for t in index.tensors:
+        if t.encoding == C.Encoding.INT8_GROUP:
+            raise LoadError(
+                f"tensor {t.name!r} is int8_group (group size {t.group_size}): the GPU runtime does not "
+                f"run int8_group weights yet; load the file on the CPU (device='cpu'), or convert the "
+                f"model with --quantize int8 (per-row scales) to run it on a GPU")
         if t.encoding == C.Encoding.INT8_ROW:
             per_group.setdefault(t.group, []).append(t)
     layouts = {}
