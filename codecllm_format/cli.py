@@ -45,8 +45,10 @@ def _quantize(text: str) -> str:
 
     try:
         parse_quantize(text)
-    except ConversionError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--quantize ")) from None
+    except ConversionError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose int8, int8-group, int8-gN with N a power of two in "
+            f"[{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], or none)") from None
     return text
 
 

@@ -222,9 +222,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(tensors=tensors, aux_dir=aux, label=repo_id or path.name, shards=shards, ties=ties)
 
 
-QUANTIZE_HELP = ("int8 (per-row int8, one float32 scale per output channel), int8-gN (int8 with one "
-                 f"bfloat16 scale per N input columns, N a power of two in [{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], "
-                 f"e.g. int8-g64; int8-group is int8-g{C.DEFAULT_GROUP_SIZE}) or none (every tensor raw)")
+QUANTIZE_HELP = ("int8 or none, or int8-gN (int8 with one bfloat16 scale per N input columns, N a power of two "
+                 f"in [{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], e.g. int8-g64; int8-group is int8-g{C.DEFAULT_GROUP_SIZE})")
 
 
 def parse_quantize(quantize: str) -> tuple[C.Encoding | None, int | None]:

@@ -166,14 +166,25 @@ def causal_lm(folder: Path, weights: dict[str, dict[str, torch.Tensor]]) -> dict
     ids = tok(PASSAGE, return_tensors="pt").input_ids
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = {}
+    nll = {}
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits[0].float(), -1)
         out["original"] = {"perplexity": _ppl(ref, ids), "tokens": ids.shape[1]}
         for v, ws in weights.items():
             _swap(model, ws)
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
-            out[v] = {"perplexity": _ppl(logp, ids), "kl_mean": kl}
+            kl = (ref.exp() * (ref - logp)).sum(-1).double()
+            nll[v] = -logp[:-1].gather(1, ids[0, 1:, None])[:, 0].double()
+            out[v] = {"perplexity": _ppl(logp, ids), "kl_mean": kl.mean().item(),
+                      "kl_sem": (kl.std() / math.sqrt(kl.numel())).item()}
+    # paired against per-row scales: mean NLL difference and its standard error over positions
+    # (a perplexity change is significant only when |dnll| is well above dnll_se)
+    base = nll.get("row")
+    if base is not None:
+        for v, x in nll.items():
+            d = x - base
+            out[v]["dnll_vs_row"] = d.mean().item()
+            out[v]["dnll_se"] = (d.std() / math.sqrt(d.numel())).item() if v != "row" else 0.0
     return out
 
 
@@ -199,10 +210,11 @@ def encoder(folder: Path, weights: dict[str, dict[str, torch.Tensor]]) -> dict:
 def table(r: dict) -> str:
     lm = r["kind"] == "causal-lm"
     head = "| variant | file bytes | vs INT8_ROW | of bf16 | scales stored (raw) | SQNR min / median dB | "
-    head += "perplexity | KL mean |" if lm else "cosine min | 1 - cosine mean |"
+    head += "perplexity | NLL vs row (± s.e.) | KL mean (± s.e.) |" if lm else "cosine min | 1 - cosine mean |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for v, m in r["variants"].items():
-        q = (f"{m['perplexity']:.4f} | {m['kl_mean']:.2e} |" if lm
+        q = (f"{m['perplexity']:.4f} | {m['dnll_vs_row']:+.4f} ± {m['dnll_se']:.4f} | "
+             f"{m['kl_mean']:.2e} ± {m['kl_sem']:.1e} |" if lm
              else f"{m['cosine_min']:.6f} | {m['one_minus_cos_mean']:.2e} |")
         lines.append(f"| {v} | {m['file_bytes']:,} | {m['vs_row'] * 100 - 100:+.2f}% | {m['ratio_bf16']:.4f} | "
                      f"{m['scale_bytes']:,} ({m['scale_raw_bytes']:,}) | {m['sqnr_min']:.1f} / {m['sqnr_median']:.1f} | {q}")
