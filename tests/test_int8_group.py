@@ -462,3 +462,19 @@ def test_gpu_layouts_refuse_int8_group(gfile):
     with cf.open(gfile[0]) as f:
         with pytest.raises(LoadError, match=f"tensor {W!r} is int8_group.*device='cpu'.*--quantize int8"):
             build_layouts(f.index)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_int8_linear_with_group_scales_takes_the_reference_path():
+    """On CUDA, int8_linear with int8_group scales is not given to the fused kernels (they take
+    per-row scales only): the reference path computes it, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    w = _outlier_weight(rows=96, cols=200)
+    q, s = quantize_int8_groups(w, 64, torch.bfloat16)
+    q, s = q.cuda(), s.cuda()
+    for m in (1, 5, 40):
+        x = torch.randn(m, 200, generator=g).to(torch.bfloat16).cuda()
+        want = torch.nn.functional.linear(x, kernels.dequantize(q, s, torch.bfloat16))
+        assert torch.equal(kernels.int8_linear(x, q, s), want)
+        assert torch.equal(kernels.int8_linear(x, q, s, plan=kernels.LinearPlan()), want)
