@@ -383,7 +383,7 @@ def convert(
     meta = {
         C.META_CREATED_BY: f"codecllm-format {__version__}",
         C.META_SOURCE: ckpt.label,
-        C.META_QUANTIZE: quantize,
+        C.META_QUANTIZE: quantize if group_size is None else f"int8-g{group_size}",  # int8-group: its size
     }
     side_files: dict[str, bytes] = {}
     if ckpt.aux_dir is not None:

@@ -127,19 +127,22 @@ def _stream_to_obj(s: Stream) -> dict[str, Any]:
     }
 
 
-def _tensor_to_obj(t: TensorEntry) -> dict[str, Any]:
-    obj: dict[str, Any] = {"name": t.name, "shape": list(t.shape), "dtype": int(t.dtype), "encoding": int(t.encoding)}
-    if t.group_size is not None:  # INT8_GROUP only: v1.0 tensor maps stay byte-identical
-        obj["group_size"] = t.group_size
-    obj["group"] = t.group
-    obj["streams"] = [_stream_to_obj(s) for s in t.streams]
-    return obj
-
-
 def encode_index(index: Index) -> bytes:
     """Serialize an Index to msgpack bytes (deterministic: fixed key order)."""
     obj = {
-        "tensors": [_tensor_to_obj(t) for t in index.tensors],
+        "tensors": [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": int(t.dtype),
+                "encoding": int(t.encoding),
+                # INT8_GROUP only: other tensor maps stay byte-identical to v1.0
+                **({"group_size": t.group_size} if t.group_size is not None else {}),
+                "group": t.group,
+                "streams": [_stream_to_obj(s) for s in t.streams],
+            }
+            for t in index.tensors
+        ],
         "groups": [{"name": g.name, "offset": g.offset, "length": g.length} for g in index.groups],
         "aliases": dict(index.aliases),
         "files": [

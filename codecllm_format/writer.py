@@ -267,6 +267,11 @@ class CllmWriter:
         if tensor.dtype not in TORCH_TO_DTYPE:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported by .cllm v1")
         dtype = TORCH_TO_DTYPE[tensor.dtype]
+        if encoding == C.Encoding.INT8_GROUP:
+            group_size = C.DEFAULT_GROUP_SIZE if group_size is None else group_size
+            _check_group_size(name, group_size)
+        elif group_size is not None:
+            raise ValueError(f"tensor {name!r}: group_size is only for int8_group")
         self._claim_name(name)
         in_bytes = tensor.numel() * tensor.element_size()
         if encoding == C.Encoding.RAW:
@@ -280,8 +285,6 @@ class CllmWriter:
             streams = self._write_int8_streams(q, scales, progress, in_bytes)
             del q, scales
         elif encoding == C.Encoding.INT8_GROUP:
-            group_size = C.DEFAULT_GROUP_SIZE if group_size is None else group_size
-            _check_group_size(name, group_size)
             if tensor.dim() != 2 or dtype not in C.FLOAT_DTYPES:
                 raise ValueError(f"tensor {name!r}: int8_group needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
             q, scales = quantize_int8_groups(tensor, group_size, torch.bfloat16)
@@ -289,8 +292,6 @@ class CllmWriter:
             del q, scales
         else:
             raise ValueError(f"unknown encoding {encoding!r}")
-        if encoding != C.Encoding.INT8_GROUP and group_size is not None:
-            raise ValueError(f"tensor {name!r}: group_size is only for int8_group")
         entry = TensorEntry(
             name=name,
             shape=tuple(int(d) for d in tensor.shape),
@@ -298,7 +299,7 @@ class CllmWriter:
             encoding=C.Encoding(encoding),
             group=len(self._groups) - 1,
             streams=streams,
-            group_size=group_size if encoding == C.Encoding.INT8_GROUP else None,
+            group_size=group_size,
         )
         self._tensors.append(entry)
         return entry

@@ -343,6 +343,7 @@ def test_cli_quantize_option(llama_g, tmp_path, capsys):
     assert convert_main([str(tmp / "hf"), "-o", str(out), "--quantize", "int8-group", "-q"]) == 0
     with cf.open(out) as f:
         assert {t.group_size for t in f.index.tensors if t.encoding == Encoding.INT8_GROUP} == {C.DEFAULT_GROUP_SIZE}
+        assert f.metadata()["quantize"] == f"int8-g{C.DEFAULT_GROUP_SIZE}"
     with pytest.raises(SystemExit):
         convert_main([str(tmp / "hf"), "-o", str(tmp_path / "x.cllm"), "--quantize", "int8-g100"])
     assert "int8-g100" in capsys.readouterr().err

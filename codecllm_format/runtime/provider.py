@@ -1,6 +1,7 @@
 """Where compressed modules get their weights: the WeightProvider interface and the CPU one.
 
-A provider hands out int8 weights (and their per-row float32 scales) on its device, decoded
+A provider hands out int8 weights (and their per-row float32 scales, or an int8_group tensor's
+bfloat16 scales [rows, groups]) on its device, decoded
 from a .cllm file. The loader wraps each transformer block (a layer group of the file) in
 begin_group / end_group calls, from forward hooks, so a provider can prefetch a group at its
 begin and free or reuse the group's decoded buffers at its end. The GPU runtime implements the
