@@ -1,7 +1,8 @@
 """INT8_GROUP (format 1.1): int8 values with one bfloat16 scale per `group_size` columns of a
 row. Quantization, the file round trip, index validation and hostile files, the converter and
 CLI, the CPU runtime against a transformers reference holding the file's dequantized weights
-(bit-exact), export, and the GPU runtime's refusal."""
+(bit-exact), export, and the GPU runtime's layouts (the fused kernels' group path is tested in
+tests/test_triton_kernels.py and tests/test_launch_plan.py; `gpu`-marked tests need CUDA)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from codecllm_format.errors import (  # noqa: E402
     ConversionError,
     DecodeError,
     IndexSchemaError,
-    LoadError,
     UnsupportedVersion,
 )
 from codecllm_format.quant import (  # noqa: E402
@@ -454,15 +454,60 @@ def test_compressed_tensors_refuses_partial_groups(llama_g, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# --- the GPU runtime refuses int8_group (tested without a GPU) --------------------------------
+# --- the GPU runtime's layouts (tested without a GPU) -----------------------------------------
 
 
-def test_gpu_layouts_refuse_int8_group(gfile):
-    from codecllm_format.runtime.layout import build_layouts
+def test_gpu_layouts_place_group_scales(gfile):
+    """build_layouts streams int8_group tensors; decoding a group's chunks to their slot offsets
+    (as the GPU decoder does) and taking GpuProvider's views gives get_raw's q and scales."""
+    import zstandard
+
+    from codecllm_format.runtime.gpu import GpuProvider
+    from codecllm_format.runtime.layout import SLOT_ALIGNMENT, build_layouts
 
     with cf.open(gfile[0]) as f:
-        with pytest.raises(LoadError, match=f"tensor {W!r} is int8_group.*device='cpu'.*--quantize int8"):
-            build_layouts(f.index)
+        (lay,) = build_layouts(f.index).values()
+        assert set(lay.tensors) == {W, "model.layers.0.r"}
+        assert lay.tensors[W].scale_groups == 4 and lay.tensors["model.layers.0.r"].scale_groups == 0
+        data = f.group_bytes(lay.gid)
+        slot = torch.zeros(lay.decoded_bytes, dtype=torch.uint8)
+        for i in range(len(lay.in_offsets)):
+            a, n = int(lay.in_offsets[i]), int(lay.in_sizes[i])
+            raw = zstandard.ZstdDecompressor().decompress(bytes(data[a : a + n]))
+            o = int(lay.out_offsets[i])
+            slot[o : o + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        for name, sl in lay.tensors.items():
+            assert sl.q_offset % SLOT_ALIGNMENT == 0 and sl.scale_offset % SLOT_ALIGNMENT == 0
+            q, s = GpuProvider._views(slot, sl)
+            raw = f.get_raw(name)
+            assert torch.equal(q, raw.data) and s.dtype == raw.scales.dtype and torch.equal(s, raw.scales), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_every_tier_runs_int8_group(llama_g):
+    """An int8_group file on the GPU, every residency tier: the CPU path's logits (float32 compute,
+    same weights) and its greedy tokens (bfloat16 compute goes through the fused kernels)."""
+    from codecllm_format.runtime.plan import TIERS
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    paths, _cfg, tok, _ = llama_g
+    ids = torch.randint(7, len(tok), (2, 12), generator=torch.Generator().manual_seed(9))
+    for quantize in ("int8-g16", "int8-g128"):
+        with cf.load(paths[quantize], device="cpu", dtype=torch.float32) as cpu:
+            with torch.no_grad():
+                ref = cpu(ids).logits
+        for tier in TIERS:
+            with cf.load(paths[quantize], device="cuda", dtype=torch.float32, residency=tier) as m:
+                with torch.no_grad():
+                    got = m(ids.cuda()).logits.float().cpu()
+                rel = ((got - ref).norm() / ref.norm()).item()
+                assert rel <= 1e-5, (quantize, tier, rel)
+            with cf.load(paths[quantize], device="cuda", dtype=torch.bfloat16, residency=tier) as m:
+                with torch.no_grad():
+                    got = m(ids.cuda()).logits.float().cpu()
+                rel = ((got - ref).norm() / ref.norm()).item()
+                assert rel <= 3e-2, (quantize, tier, rel)
 
 
 @pytest.mark.gpu

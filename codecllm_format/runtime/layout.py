@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import constants as C
 from ..checksums import xxh3_64
-from ..errors import LoadError
+from ..quant import group_count
 from ..index import Index, align_up
 from .plan import GroupCost
 
@@ -20,12 +20,15 @@ SLOT_ALIGNMENT = 256
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """Where one int8_row tensor's values and scales sit in a decoded slot (byte offsets)."""
+    """Where one int8_row / int8_group tensor's values and scales sit in a decoded slot (byte
+    offsets). scale_groups 0: float32 scales [rows]; > 0 (int8_group): bfloat16 scales
+    [rows, scale_groups]."""
 
     name: str
     shape: tuple[int, int]
     q_offset: int
     scale_offset: int
+    scale_groups: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,20 +56,11 @@ class GroupLayout:
 
 
 def build_layouts(index: Index) -> dict[int, GroupLayout]:
-    """A GroupLayout for every group holding int8_row tensors (other groups are not streamed).
-
-    Raises:
-        LoadError: the index holds an int8_group tensor: the GPU runtime's fused kernels and
-            slots take per-row scales only (load on the CPU, or convert with --quantize int8).
-    """
+    """A GroupLayout for every group holding int8_row or int8_group tensors (other groups are
+    not streamed)."""
     per_group: dict[int, list] = {}
     for t in index.tensors:
-        if t.encoding == C.Encoding.INT8_GROUP:
-            raise LoadError(
-                f"tensor {t.name!r} is int8_group (group size {t.group_size}): the GPU runtime does not "
-                f"run int8_group weights yet; load the file on the CPU (device='cpu'), or convert the "
-                f"model with --quantize int8 (per-row scales) to run it on a GPU")
-        if t.encoding == C.Encoding.INT8_ROW:
+        if t.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP):
             per_group.setdefault(t.group, []).append(t)
     layouts = {}
     for gid, tensors in per_group.items():
@@ -86,7 +80,8 @@ def build_layouts(index: Index) -> dict[int, GroupLayout]:
                 out_size.append(ch["raw"].astype(np.int64))
                 sums.append(ch["checksum"])
                 pos += stream.length
-            slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1])
+            groups = group_count(t.shape[1], t.group_size) if t.encoding == C.Encoding.INT8_GROUP else 0
+            slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1], groups)
         layouts[gid] = GroupLayout(
             gid=gid,
             name=g.name,
