@@ -524,3 +524,14 @@ def test_gpu_int8_linear_with_group_scales_takes_the_reference_path():
         want = torch.nn.functional.linear(x, kernels.dequantize(q, s, torch.bfloat16))
         assert torch.equal(kernels.int8_linear(x, q, s), want)
         assert torch.equal(kernels.int8_linear(x, q, s, plan=kernels.LinearPlan()), want)
+
+
+def test_hub_model_card_describes_group_scales(llama_g):
+    from codecllm_format import hub
+
+    paths, _cfg, _tok, _ = llama_g
+    with cf.open(paths["int8-g16"]) as f:
+        card = hub.model_card(f, "me/tiny-g16")
+    assert "one bfloat16 scale per group of input columns" in card and "one float32 scale per row" not in card
+    assert "int8_group" not in card.split("---")[1]  # the tag is "int8", once
+    assert card.split("---")[1].count("- int8") == 1
