@@ -6,6 +6,10 @@ int8_row: symmetric per-row absmax. For a 2-D weight W (rows x cols),
     W'[r, c] = float32(q[r, c]) * scale[r], then cast to the logical dtype.
 A row of zeros gets scale 0 and q 0. For nn.Linear (out_features x in_features) a row is
 an output channel; for an embedding table a row is a token.
+
+int8_group: the same per group of `group_size` consecutive columns of a row (the last group of a
+row partial when cols is not a multiple), the scale rounded to bfloat16 before q is computed
+(spec/FORMAT.md 10.3): scale[r, g] = bfloat16(max |W[r, group g]| / 127).
 """
 
 from __future__ import annotations
