@@ -39,6 +39,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 1M)") from None
 
 
+def _quantize(text: str) -> str:
+    from .convert import parse_quantize
+    from .errors import ConversionError
+
+    try:
+        parse_quantize(text)
+    except ConversionError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose int8, int8-group, int8-gN with N a power of two in "
+            f"[{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], or none)") from None
+    return text
+
+
 # --- cllm-convert --------------------------------------------------------------------------
 
 
@@ -54,15 +67,19 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         epilog="examples:\n  cllm-convert model.safetensors\n  cllm-convert ./Llama-2-7b-hf -o llama2-7b.cllm --threads 8\n"
         "  cllm-convert model.safetensors --quantize none     # lossless: float byte planes + zstd (bf16: ~0.67x)\n"
         "  cllm-convert ./Llama-2-7b-hf --codec ans            # GPU-only file: int8 as nvCOMP ANS (needs a GPU)\n"
-        "  cllm-convert model.cllm --codec ans -o model-ans.cllm   # transcode a .cllm, no re-quantization",
+        "  cllm-convert model.cllm --codec ans -o model-ans.cllm   # transcode a .cllm, no re-quantization\n"
+        "  cllm-convert model.safetensors --quantize int8-g128  # int8, one bfloat16 scale per 128 columns",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="a .safetensors file, a sharded folder (model.safetensors.index.json), a Hugging Face model folder, "
                    "a repo id (org/name) already in the local Hugging Face cache (no network), or a .cllm file to "
                    "transcode to --codec (int8 values kept bit for bit)")
     p.add_argument("-o", "--output", help="output path (default: the input's stem + .cllm)")
-    p.add_argument("--quantize", choices=("int8", "none"), default="int8", help="int8: per-row int8 for 2-D float tensors (default); none: lossless, bit-exact: bf16/f16/f32 "
-                   "tensors as float byte planes (exponent entropy-coded, sign+mantissa as is; format 1.1), other dtypes raw")
+    p.add_argument("--quantize", type=_quantize, default="int8", metavar="{int8,int8-group,int8-gN,none}",
+                   help="int8: per-row int8 for 2-D float tensors (default); int8-gN: int8 with one bfloat16 scale "
+                   f"per N columns (N a power of two in [{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}]; int8-group: "
+                   f"N = {C.DEFAULT_GROUP_SIZE}; format 1.1); none: lossless, bit-exact: bf16/f16/f32 tensors as float "
+                   "byte planes (exponent entropy-coded, sign+mantissa as is; format 1.1), other dtypes raw")
     p.add_argument("--level", type=int, default=None,
                    help="zstd level of all data, -7..22 (default: 1 for int8 values, 3 for raw tensors, "
                    "6 for scales and tensors under 1 MiB, 19 for embedded files)")

@@ -108,12 +108,18 @@ class Encoding(enum.IntEnum):
     value (one byte each), then sign and mantissa (sm = sign << mantissa_bits | mantissa) as
     k = 1, 2 or 3 byte planes of numel bytes (byte j of every sm). Bit-exact; spec/FORMAT.md
     section 10.3."""
+    INT8_GROUP = 4
+    """Two streams: int8 values (row-major), then bfloat16 scales, one per group of
+    `group_size` consecutive columns of a row (the tensor map's `group_size`, a power of two;
+    a row's last group may be partial): value = int8 * scale[row, col // group_size].
+    Only for float tensors of 2 dimensions. Since format 1.1."""
 
 
 ENCODING_STREAMS = {
     Encoding.RAW: ("data",),
     Encoding.INT8_ROW: ("q", "scale"),
     Encoding.FLOAT_PLANES: ("exponent", "sign_mantissa"),
+    Encoding.INT8_GROUP: ("q", "scale"),
 }
 
 FLOAT_PLANES_LAYOUT = {
@@ -123,6 +129,12 @@ FLOAT_PLANES_LAYOUT = {
     DType.F32: (8, 23, 3),
 }
 """FLOAT_PLANES bit mapping per dtype (spec/FORMAT.md section 10.3): the dtypes it takes."""
+
+MIN_GROUP_SIZE = 16
+MAX_GROUP_SIZE = 4096
+"""An INT8_GROUP tensor's `group_size` is a power of two in [MIN_GROUP_SIZE, MAX_GROUP_SIZE]."""
+DEFAULT_GROUP_SIZE = 128
+"""The group size the converter uses for `--quantize int8-group` (benchmarks/RESULTS.md)."""
 
 
 class Codec(enum.IntEnum):
@@ -176,6 +188,7 @@ FEATURE_MINOR[Encoding.FLOAT_PLANES] = 1
 GPU_ONLY_CODECS = frozenset({Codec.ANS})
 """Codecs whose bitstream only a GPU library decodes (nvCOMP): a reader without it can open the
 file, check every checksum and read everything else, but not decode these chunks."""
+FEATURE_MINOR[Encoding.INT8_GROUP] = 1
 
 
 def minor_version_for(encodings, codecs) -> int:

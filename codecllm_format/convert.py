@@ -24,7 +24,7 @@ from .checksums import xxh3_64
 from .errors import CllmError, ConversionError
 from .hub import checkpoint_source, source_card_metadata
 from .hub import default_output as hub_default_output
-from .quant import NonFiniteError, quantize_int8_rows
+from .quant import NonFiniteError, quantize_int8_groups, quantize_int8_rows
 from .stats import bf16_size, human
 from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
 
@@ -226,15 +226,42 @@ PLANE_DTYPES = ("BF16", "F16", "F32")
 """safetensors dtypes the lossless float_planes encoding takes (F64 and integers stay raw)."""
 
 
+QUANTIZE_HELP = ("int8, none (lossless) or int8-gN (int8 with one bfloat16 scale per N input columns, N a power of two "
+                 f"in [{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], e.g. int8-g64; int8-group is int8-g{C.DEFAULT_GROUP_SIZE})")
+
+
+def parse_quantize(quantize: str) -> tuple[C.Encoding | None, int | None]:
+    """`quantize` as (encoding of 2-D float tensors, group size): "int8" -> INT8_ROW,
+    "int8-gN" -> INT8_GROUP with group size N ("int8-group": N = C.DEFAULT_GROUP_SIZE),
+    "none" -> (None, None).
+
+    Raises:
+        ConversionError: anything else, or N not a power of two in [MIN_GROUP_SIZE, MAX_GROUP_SIZE].
+    """
+    if quantize == "none":
+        return None, None
+    if quantize == "int8":
+        return C.Encoding.INT8_ROW, None
+    if quantize == "int8-group":
+        return C.Encoding.INT8_GROUP, C.DEFAULT_GROUP_SIZE
+    m = re.fullmatch(r"int8-g(\d{1,5})", quantize) if isinstance(quantize, str) else None
+    if m is not None:
+        g = int(m.group(1))
+        if C.MIN_GROUP_SIZE <= g <= C.MAX_GROUP_SIZE and not g & (g - 1):
+            return C.Encoding.INT8_GROUP, g
+    raise ConversionError(f"--quantize must be {QUANTIZE_HELP}; got {quantize!r}")
+
+
 def choose_encoding(t: SourceTensor, quantize: str, keep: re.Pattern | None) -> C.Encoding:
-    """quantize="int8": int8_row for 2-D float tensors (linear weights, embeddings, lm_head);
-    those matching `keep` are kept lossless (float_planes for bf16/f16/f32, else raw); other
-    tensors (norms, biases, integer buffers) raw. quantize="none": every bf16/f16/f32 tensor
-    float_planes (lossless, smaller than raw), any other dtype raw."""
-    if quantize == "none" or (keep is not None and keep.search(t.name)):
+    """int8_row (quantize "int8") or int8_group ("int8-gN") for 2-D float tensors (linear
+    weights, embeddings, lm_head); those matching `keep` are kept lossless (float_planes for
+    bf16/f16/f32, else raw); other tensors (norms, biases, integer buffers) raw. quantize="none":
+    every bf16/f16/f32 tensor float_planes (lossless, smaller than raw), any other dtype raw."""
+    encoding, _ = parse_quantize(quantize)
+    if encoding is None or (keep is not None and keep.search(t.name)):
         return C.Encoding.FLOAT_PLANES if t.dtype in PLANE_DTYPES else C.Encoding.RAW
     if len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16", "F64") and t.shape[0] > 0 and t.shape[1] > 0:
-        return C.Encoding.INT8_ROW
+        return encoding
     return C.Encoding.RAW
 
 
@@ -329,8 +356,9 @@ def convert(
     Args:
         input_path: a .safetensors file, a sharded folder or index, or an HF model folder.
         output_path: target (default: input stem + .cllm). Written atomically.
-        quantize: "int8" (2-D float tensors to int8_row) or "none" (lossless: bf16/f16/f32
-            tensors float_planes, other dtypes raw).
+        quantize: "int8" (2-D float tensors to int8_row), "int8-gN" (to int8_group with
+            group size N, e.g. "int8-g128") or "none" (lossless: bf16/f16/f32 tensors
+            float_planes, other dtypes raw).
         level, chunk_size, threads: zstd settings (level None: the writer's per-stream defaults).
         keep_regex: tensors whose names match stay lossless (float_planes, or raw for other dtypes).
         overwrite: replace an existing output.
@@ -356,8 +384,7 @@ def convert(
                               trust_gpu_codecs=trust_gpu_codecs, level=level)
     codec = codec or "zstd"
     _check_codec(codec)
-    if quantize not in ("int8", "none"):
-        raise ConversionError(f"--quantize must be int8 or none, got {quantize!r}")
+    _, group_size = parse_quantize(quantize)
     keep = None
     if keep_regex:
         try:
@@ -382,7 +409,7 @@ def convert(
     meta = {
         C.META_CREATED_BY: f"codecllm-format {__version__}",
         C.META_SOURCE: ckpt.label,
-        C.META_QUANTIZE: quantize,
+        C.META_QUANTIZE: quantize if group_size is None else f"int8-g{group_size}",  # int8-group: its size
     }
     side_files: dict[str, bytes] = {}
     if ckpt.aux_dir is not None:
@@ -437,10 +464,13 @@ def convert(
         if key is not None:
             seen[key] = st.name
         enc = choose_encoding(st, quantize, keep)
-        if enc != C.Encoding.INT8_ROW:
+        if enc not in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP):
             return ("raw", tensor, enc)
         try:
-            q, scales = quantize_int8_rows(tensor)
+            if enc == C.Encoding.INT8_GROUP:
+                q, scales = quantize_int8_groups(tensor, group_size, torch.bfloat16)
+            else:
+                q, scales = quantize_int8_rows(tensor)
         except NonFiniteError:
             raise ConversionError(
                 f"tensor {st.name!r} holds NaN or infinity and cannot be quantized; "
@@ -470,7 +500,8 @@ def convert(
                     w.begin_group(gname)
                     began.add(gname)
                 if item[0] == "int8":
-                    w.add_int8_tensor(st.name, item[1], item[2], dtype=item[3], progress=progress)
+                    w.add_int8_tensor(st.name, item[1], item[2], dtype=item[3], progress=progress,
+                                      group_size=group_size)
                     int8 += 1
                 else:
                     w.add_tensor(st.name, item[1], item[2], progress=progress)

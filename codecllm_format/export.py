@@ -11,7 +11,10 @@ Two formats:
   only, with CompressedTensorsWNA16), or as int8 NAME.weight (``"int-quantized"``: the
   compressed-tensors library reads it, but vLLM routes int-quantized to its W8A8 schemes, which
   need input_activations). Embeddings, lm_head and raw tensors are written dequantized / as
-  stored, and config.json gains a ``quantization_config``.
+  stored, and config.json gains a ``quantization_config``. A file converted with int8_group
+  scales (``--quantize int8-gN``) exports with the "group" strategy (group_size N,
+  NAME.weight_scale [out, in / N] in bfloat16), which needs every quantized Linear's input
+  features to be a multiple of N (compressed-tensors has no partial groups).
 
 Tied weights: a name that the file aliases to another is written as its own copy, except
 lm_head.weight when config.tie_word_embeddings is true, which is left out (transformers
@@ -112,7 +115,7 @@ def _export_names(f: CllmFile, config: dict | None) -> tuple[list[str], list[str
 
 def _is_quantized_linear(f: CllmFile, name: str) -> bool:
     e = f.entry(name)
-    if e.encoding != C.Encoding.INT8_ROW or not name.endswith(".weight") or len(e.shape) != 2:
+    if e.encoding not in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP) or not name.endswith(".weight") or len(e.shape) != 2:
         return False
     low = name.lower()
     return not any(h in low for h in EMBEDDING_HINTS) and "lm_head" not in name.split(".")
@@ -130,7 +133,7 @@ def pack_int8_to_int32(q: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
-def _quantization_config(ignore: list[str], ct_format: str) -> dict:
+def _quantization_config(ignore: list[str], ct_format: str, group_size: int | None = None) -> dict:
     return {
         "quant_method": "compressed-tensors",
         "format": ct_format,
@@ -139,8 +142,9 @@ def _quantization_config(ignore: list[str], ct_format: str) -> dict:
             "group_0": {
                 "targets": ["Linear"],
                 "weights": {
-                    "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
-                    "dynamic": False, "group_size": None, "block_structure": None, "actorder": None,
+                    "num_bits": 8, "type": "int", "symmetric": True,
+                    "strategy": "channel" if group_size is None else "group",
+                    "dynamic": False, "group_size": group_size, "block_structure": None, "actorder": None,
                     "observer": "minmax", "observer_kwargs": {},
                 },
                 "input_activations": None,
@@ -222,6 +226,18 @@ def export(
                                 "its per-row int8 scales are per input channel, which compressed-tensors cannot express; "
                                 "use --format safetensors")
             quantized = {n for n in names if _is_quantized_linear(f, n)}
+            group_sizes = {f.entry(n).group_size for n in quantized}
+            if len(group_sizes) > 1:
+                raise CllmError(f"{path} mixes int8 Linear weights with different scale groupings "
+                                f"({', '.join('per row' if g is None else f'groups of {g}' for g in sorted(group_sizes, key=str))}): "
+                                "one compressed-tensors scheme cannot express them; use --format safetensors")
+            group_size = next(iter(group_sizes), None)
+            if group_size is not None:
+                partial = sorted(n for n in quantized if f.entry(n).shape[1] % group_size)
+                if partial:
+                    raise CllmError(f"{partial[0]} has {f.entry(partial[0]).shape[1]} input features, not a multiple of its "
+                                    f"scale group size {group_size}: compressed-tensors' group strategy has no partial groups; "
+                                    "use --format safetensors (or convert with a group size that divides it)")
             if ct_format == "pack-quantized":
                 odd = sorted(n for n in quantized if f.entry(n).shape[1] % 4)
                 if odd:
@@ -234,13 +250,13 @@ def export(
                              if n.endswith(".weight") and n not in quantized and len(f.entry(n).shape) == 2
                              and not any(h in n.lower() for h in EMBEDDING_HINTS)})
             config = dict(config)
-            config["quantization_config"] = _quantization_config(ignore, ct_format)
+            config["quantization_config"] = _quantization_config(ignore, ct_format, group_size)
             report.quantized = sorted(quantized)
 
         # sizes of what will be written, for sharding: (name, nbytes)
         def out_dtype(name: str) -> torch.dtype:
             e = f.entry(name)
-            if e.encoding == C.Encoding.INT8_ROW:
+            if e.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP):
                 return torch.int8 if name in quantized else (target_dtype or DTYPE_TO_TORCH[e.dtype])
             return DTYPE_TO_TORCH[e.dtype]
 
@@ -252,7 +268,9 @@ def export(
                 numel *= d
             sizes[n] = numel * out_dtype(n).itemsize
             if n in quantized:
-                sizes[n] += e.shape[0] * 4 + (16 if ct_format == "pack-quantized" else 0)
+                scale_bytes = (e.shape[0] * 4 if e.group_size is None
+                               else e.shape[0] * (e.shape[1] // e.group_size) * 2)
+                sizes[n] += scale_bytes + (16 if ct_format == "pack-quantized" else 0)
         # the factory only needs sizes: placeholders stand for tensors (it skips str values)
         split = split_state_dict_into_shards_factory(
             {n: (n,) for n in names}, get_storage_size=lambda n: sizes[n[0]], get_storage_id=lambda n: None,
@@ -277,13 +295,14 @@ def export(
                             shard[mod + ".weight_shape"] = torch.tensor(raw.data.shape, dtype=torch.int64)
                         else:
                             shard[n] = raw.data
-                        shard[mod + ".weight_scale"] = raw.scales.reshape(-1, 1).contiguous()
+                        # per row: [out, 1] float32; int8_group: [out, in / group_size] bfloat16
+                        shard[mod + ".weight_scale"] = raw.scales.reshape(raw.scales.shape[0], -1).contiguous()
                         for k in shard:
                             if k.startswith(mod + ".weight"):
                                 weight_map[k] = fname
                     else:
                         e = f.entry(n)
-                        shard[n] = f.get_tensor(n, out_dtype(n) if e.encoding == C.Encoding.INT8_ROW else None)
+                        shard[n] = f.get_tensor(n, out_dtype(n) if e.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP) else None)
                         weight_map[n] = fname
                     report.tensors += 1
                 save_file(shard, str(tmp / fname), metadata={"format": "pt"})

@@ -51,7 +51,7 @@ PIPELINE_TAGS = (
 )
 """Architecture suffix -> Hub pipeline_tag (first match; the loader builds the same classes)."""
 
-ENCODING_TAGS = {"int8_row": "int8", "raw": "raw", "float_planes": "lossless"}
+ENCODING_TAGS = {"int8_row": "int8", "int8_group": "int8", "raw": "raw", "float_planes": "lossless"}
 
 CHECKPOINT_PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.txt", "*.jinja",
@@ -555,12 +555,12 @@ def model_card(f, repo_id: str) -> str:
     pipeline = pipeline_tag_for(arch)
     source = meta.get("source")
     base_model = meta.get("base_model") or (source if source and _looks_published(source) else None)
-    tags = ["cllm", LIBRARY_NAME] + [ENCODING_TAGS.get(e, e) for e in sorted(d["encodings"])]
+    tags = ["cllm", LIBRARY_NAME] + list(dict.fromkeys(ENCODING_TAGS.get(e, e) for e in sorted(d["encodings"])))
     if isinstance(model_type, str) and model_type and model_type not in tags:
         tags.append(model_type)
     data = {"library_name": LIBRARY_NAME, "tags": tags, "pipeline_tag": pipeline,
             "license": meta.get("license"), "base_model": base_model}
-    if base_model and "int8_row" in d["encodings"]:
+    if base_model and ("int8_row" in d["encodings"] or "int8_group" in d["encodings"]):
         data["base_model_relation"] = "quantized"
     card_data = ModelCardData(**{k: v for k, v in data.items() if v})
     chat = "chat_template.jinja" in f.file_names() or "chat_template" in _embedded_json(f, "tokenizer_config.json")
@@ -584,7 +584,9 @@ def model_card(f, repo_id: str) -> str:
         "---", card_data.to_yaml(), "---", "",
         f"# {repo_id.split('/')[-1]}", "",
         f"{what}{src}, in the `.cllm` format of [{PACKAGE}](https://pypi.org/project/{PACKAGE}/): "
-        "linear weights, embeddings and lm_head as int8 with one float32 scale per row, everything else "
+        "linear weights, embeddings and lm_head as int8 with "
+        f"{'one bfloat16 scale per group of input columns' if 'int8_group' in d['encodings'] else 'one float32 scale per row'}"
+        ", everything else "
         "exact, all of it in independent zstd chunks with XXH3 checksums, plus the config and tokenizer. "
         "The loader keeps the weights compressed and decodes each layer right before it runs.", "",
         "## Compression", "", "| | |", "| --- | --- |",

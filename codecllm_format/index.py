@@ -60,6 +60,8 @@ class TensorEntry:
     encoding: C.Encoding
     group: int
     streams: tuple[Stream, ...]
+    group_size: int | None = None
+    """Columns per scale group (INT8_GROUP only; None for every other encoding)."""
 
     @property
     def numel(self) -> int:
@@ -134,6 +136,8 @@ def encode_index(index: Index) -> bytes:
                 "shape": list(t.shape),
                 "dtype": int(t.dtype),
                 "encoding": int(t.encoding),
+                # INT8_GROUP only: other tensor maps stay byte-identical to v1.0
+                **({"group_size": t.group_size} if t.group_size is not None else {}),
                 "group": t.group,
                 "streams": [_stream_to_obj(s) for s in t.streams],
             }
@@ -276,8 +280,10 @@ def _decode_shape(obj: Any, where: str) -> tuple[int, ...]:
     return tuple(obj)
 
 
-def expected_stream_lengths(shape: tuple[int, ...], dtype: C.DType, encoding: C.Encoding) -> tuple[int, ...]:
-    """Decoded byte length of each stream of a tensor with this shape, dtype and encoding."""
+def expected_stream_lengths(shape: tuple[int, ...], dtype: C.DType, encoding: C.Encoding,
+                            group_size: int | None = None) -> tuple[int, ...]:
+    """Decoded byte length of each stream of a tensor with this shape, dtype and encoding
+    (and, for INT8_GROUP, group size)."""
     numel = math.prod(shape)
     if encoding == C.Encoding.RAW:
         return (numel * C.DTYPE_SIZE[dtype],)
@@ -285,12 +291,14 @@ def expected_stream_lengths(shape: tuple[int, ...], dtype: C.DType, encoding: C.
         return (numel, shape[0] * 4)
     if encoding == C.Encoding.FLOAT_PLANES:
         return (numel, numel * C.FLOAT_PLANES_LAYOUT[dtype][2])
+    if encoding == C.Encoding.INT8_GROUP:
+        return (numel, shape[0] * -(-shape[1] // group_size) * 2)
     raise UnsupportedVersion(f"unknown encoding {encoding}")
 
 
 def _decode_tensor(obj: Any, i: int, num_groups: int) -> TensorEntry:
     where = f"tensors[{i}]"
-    f = _Fields(obj, where, ("name", "shape", "dtype", "encoding", "group", "streams"))
+    f = _Fields(obj, where, ("name", "shape", "dtype", "encoding", "group", "streams"), ("group_size",))
     name = f.str("name")
     where = f"tensor {name!r}"
     f.where = where
@@ -314,10 +322,11 @@ def _decode_tensor(obj: Any, i: int, num_groups: int) -> TensorEntry:
         raise IndexSchemaError(
             f"{where}: float_planes needs dtype BF16, F16 or F32, got {dtype.name}"
         )
+    group_size = _decode_group_size(f, encoding, shape, dtype, where)
     group = f.int("group", 0, max(num_groups - 1, 0))
     if num_groups == 0:
         raise IndexSchemaError(f"{where}.group: the index has no groups")
-    lengths = expected_stream_lengths(shape, dtype, encoding)
+    lengths = expected_stream_lengths(shape, dtype, encoding, group_size)
     streams = f.list("streams", 16)
     if len(streams) != len(lengths):
         raise IndexSchemaError(
@@ -326,7 +335,29 @@ def _decode_tensor(obj: Any, i: int, num_groups: int) -> TensorEntry:
     decoded = tuple(
         _decode_stream(s, f"{where}.streams[{j}]", n) for j, (s, n) in enumerate(zip(streams, lengths))
     )
-    return TensorEntry(name=name, shape=shape, dtype=dtype, encoding=encoding, group=group, streams=decoded)
+    return TensorEntry(name=name, shape=shape, dtype=dtype, encoding=encoding, group=group, streams=decoded,
+                       group_size=group_size)
+
+
+def _decode_group_size(f: _Fields, encoding: C.Encoding, shape: tuple[int, ...], dtype: C.DType,
+                       where: str) -> int | None:
+    """The `group_size` field: required for INT8_GROUP (a power of two in [MIN_GROUP_SIZE,
+    MAX_GROUP_SIZE], on a 2-D float tensor), absent for every other encoding."""
+    if encoding != C.Encoding.INT8_GROUP:
+        if "group_size" in f.obj:
+            raise IndexSchemaError(f"{where}.group_size: only int8_group tensors have a group size "
+                                   f"(encoding is {encoding.name})")
+        return None
+    if len(shape) != 2:
+        raise IndexSchemaError(f"{where}: int8_group needs a 2-D tensor, shape is {list(shape)}")
+    if dtype not in C.FLOAT_DTYPES:
+        raise IndexSchemaError(f"{where}: int8_group needs a float dtype, got {dtype.name}")
+    if "group_size" not in f.obj:
+        raise IndexSchemaError(f"{where}: missing field(s) ['group_size'] (required by int8_group)")
+    g = f.int("group_size", C.MIN_GROUP_SIZE, C.MAX_GROUP_SIZE)
+    if g & (g - 1):
+        raise IndexSchemaError(f"{where}.group_size: {g} is not a power of two")
+    return g
 
 
 def _check_layout(index: Index, index_offset: int) -> None:

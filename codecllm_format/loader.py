@@ -3,7 +3,7 @@
 The model is built from the embedded config.json on the meta device (no full-precision copy
 is ever made), then:
 
-- every nn.Linear / GPT-2 Conv1D whose weight is int8_row in the file becomes a
+- every nn.Linear / GPT-2 Conv1D whose weight is int8_row (or int8_group) in the file becomes a
   CompressedLinear, every such nn.Embedding a CompressedEmbedding: their forward asks the weight
   provider for the int8 weight, computes and drops it (decompress -> compute -> free);
 - every nn.Linear whose weight is float_planes (lossless) becomes a CompressedFloatLinear when
@@ -85,6 +85,10 @@ def _names(items, limit: int = MAX_NAMES_IN_ERROR) -> str:
     items = sorted(items)
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+INT8_ENCODINGS = (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP)
+"""Encodings whose layers stay compressed (CompressedLinear / CompressedEmbedding)."""
 
 
 def resolve_device(device: str | torch.device) -> tuple[torch.device, Callable[..., WeightProvider]]:
@@ -666,7 +670,7 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
             if kind != "linear" or not hasattr(provider, "float_weight") or len(by_identity[id(s.tensor)]) > 1:
                 continue
             kind = "float_linear"
-        elif encoding != C.Encoding.INT8_ROW:
+        elif encoding not in INT8_ENCODINGS:
             continue
         plans[mid] = (kind, s.source)
         for n in module_names[mid]:
@@ -683,7 +687,7 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
         key = (s.source, target, where)
         if key not in loaded:
             e = cllm.entry(s.source)
-            if e.encoding == C.Encoding.INT8_ROW:
+            if e.encoding in INT8_ENCODINGS:
                 t = cllm.get_tensor(s.source, dtype=target if target.is_floating_point else None)
             else:
                 t = cllm.get_raw(s.source).data

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .index import Index, Stream, TensorEntry, align_up, check_minor_version, decode_index
 from .planes import join_planes
-from .quant import dequantize_int8_rows
+from .quant import dequantize_int8_groups, dequantize_int8_rows, group_count
 from .writer import DTYPE_TO_TORCH
 
 
@@ -51,7 +51,8 @@ class Header:
 
 @dataclass(frozen=True)
 class RawTensor:
-    """A tensor as stored: int8 values and per-row float32 scales (int8_row), or the
+    """A tensor as stored: int8 values and per-row float32 scales (int8_row), int8 values and
+    bfloat16 scales [rows, ceil(cols / group_size)] (int8_group; `entry.group_size`), or the
     logical tensor itself (raw; `scales` is None)."""
 
     data: torch.Tensor
@@ -295,8 +296,9 @@ class CllmFile:
         return exponent, sign_mantissa
 
     def get_raw(self, name: str) -> RawTensor:
-        """The tensor as stored: (int8 values, float32 scales) for int8_row; the tensor for raw
-        and float_planes (decoded bit-exact; `get_planes` gives the planes themselves)."""
+        """The tensor as stored: (int8 values, float32 scales [rows]) for int8_row, (int8 values,
+        bfloat16 scales [rows, groups]) for int8_group; the tensor for raw and float_planes
+        (decoded bit-exact; `get_planes` gives the planes themselves)."""
         e = self.entry(name)
         where = f"tensor {e.name!r}"
         if e.encoding == C.Encoding.INT8_ROW:
@@ -308,6 +310,14 @@ class CllmFile:
         if e.encoding == C.Encoding.FLOAT_PLANES:
             exponent, sign_mantissa = self.get_planes(name)
             return RawTensor(join_planes(exponent.numpy(), sign_mantissa.numpy(), e.dtype, e.shape, where), None, e)
+        if e.encoding == C.Encoding.INT8_GROUP:
+            q = self._stream_tensor(e.streams[0], torch.int8, e.shape, where + " values")
+            s = self._stream_tensor(e.streams[1], torch.bfloat16, (e.shape[0], group_count(e.shape[1], e.group_size)),
+                                    where + " scales")
+            f = s.to(torch.float32)  # exact
+            if f.numel() and not bool((torch.isfinite(f) & (f >= 0)).all()):
+                raise DecodeError(f"{where}: a scale is negative, NaN or infinite")
+            return RawTensor(q, s, e)
         t = self._stream_tensor(e.streams[0], DTYPE_TO_TORCH[e.dtype], e.shape, where)
         if e.dtype == C.DType.BOOL and t.numel() and int(t.view(torch.uint8).max()) > 1:
             raise DecodeError(f"{where}: a bool byte is neither 0 nor 1")
@@ -317,6 +327,8 @@ class CllmFile:
         """The tensor in its logical dtype (int8 dequantized), or in `dtype` if given."""
         raw = self.get_raw(name)
         target = dtype or DTYPE_TO_TORCH[raw.entry.dtype]
+        if raw.entry.encoding == C.Encoding.INT8_GROUP:
+            return dequantize_int8_groups(raw.data, raw.scales, raw.entry.group_size, target)
         if raw.scales is not None:
             return dequantize_int8_rows(raw.data, raw.scales, target)
         return raw.data if dtype is None else raw.data.to(dtype)

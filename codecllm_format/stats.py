@@ -54,11 +54,11 @@ def describe(f: CllmFile, floor: bool = True) -> dict:
         }
         row["ratio_bf16"] = row["stored_bytes"] / row["bf16_bytes"] if row["bf16_bytes"] else None
         if floor:
-            if e.encoding == C.Encoding.INT8_ROW:
+            if e.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP):
                 raw = f.get_raw(e.name)
                 h = order0_entropy_bits(raw.data)
                 row["entropy_bits"] = h
-                row["floor_bytes"] = h * e.numel / 8 + 4 * e.shape[0]
+                row["floor_bytes"] = h * e.numel / 8 + raw.scales.numel() * raw.scales.element_size()
             elif e.encoding == C.Encoding.FLOAT_PLANES:
                 exponent, sign_mantissa = f.get_planes(e.name)
                 h = order0_entropy_bits(exponent)

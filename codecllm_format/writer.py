@@ -38,7 +38,7 @@ from .index import (
     index_minor_version,
 )
 from .planes import plane_dtype, split_planes
-from .quant import quantize_int8_rows
+from .quant import group_count, quantize_int8_groups, quantize_int8_rows
 
 PARTIAL_SUFFIX = ".cllm-partial"
 FILES_GROUP = C.FILES_GROUP
@@ -355,24 +355,32 @@ class CllmWriter:
         tensor: torch.Tensor,
         encoding: C.Encoding = C.Encoding.RAW,
         progress: Callable[[int], None] | None = None,
+        *,
+        group_size: int | None = None,
     ) -> TensorEntry:
         """Encode and write one tensor into the current group.
 
         Args:
             name: unique tensor name.
             tensor: CPU tensor; its dtype becomes the logical dtype.
-            encoding: RAW; INT8_ROW for 2-D float tensors; FLOAT_PLANES (lossless) for
-                bfloat16, float16, float32 tensors of any shape.
+            encoding: RAW; INT8_ROW / INT8_GROUP for 2-D float tensors; FLOAT_PLANES (lossless)
+                for bfloat16, float16, float32 tensors of any shape.
             progress: called with increments of input bytes consumed.
+            group_size: INT8_GROUP only: columns per scale (default C.DEFAULT_GROUP_SIZE).
 
         Raises:
             ValueError: bad name, unsupported dtype, or an encoding the tensor can't take.
-            quant.NonFiniteError: INT8_ROW of a tensor with NaN/inf.
+            quant.NonFiniteError: INT8_ROW / INT8_GROUP of a tensor with NaN/inf.
         """
         self._require(WriterState.OPEN)
         if tensor.dtype not in TORCH_TO_DTYPE:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not supported by .cllm v1")
         dtype = TORCH_TO_DTYPE[tensor.dtype]
+        if encoding == C.Encoding.INT8_GROUP:
+            group_size = C.DEFAULT_GROUP_SIZE if group_size is None else group_size
+            _check_group_size(name, group_size)
+        elif group_size is not None:
+            raise ValueError(f"tensor {name!r}: group_size is only for int8_group")
         self._claim_name(name)
         in_bytes = tensor.numel() * tensor.element_size()
         if encoding == C.Encoding.RAW:
@@ -403,6 +411,12 @@ class CllmWriter:
                                    codec=self.sign_mantissa_codec),
             )
             del exponent, sign_mantissa
+        elif encoding == C.Encoding.INT8_GROUP:
+            if tensor.dim() != 2 or dtype not in C.FLOAT_DTYPES:
+                raise ValueError(f"tensor {name!r}: int8_group needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+            q, scales = quantize_int8_groups(tensor, group_size, torch.bfloat16)
+            streams = self._write_int8_streams(q, scales, progress, in_bytes)
+            del q, scales
         else:
             raise ValueError(f"unknown encoding {encoding!r}")
         entry = TensorEntry(
@@ -412,14 +426,15 @@ class CllmWriter:
             encoding=C.Encoding(encoding),
             group=len(self._groups) - 1,
             streams=streams,
+            group_size=group_size,
         )
         self._tensors.append(entry)
         return entry
 
     def _write_int8_streams(self, q: torch.Tensor, scales: torch.Tensor,
                             progress: Callable[[int], None] | None, in_bytes: int) -> tuple[Stream, Stream]:
-        """The two streams of an int8_row tensor; progress totals `in_bytes` (the source's size)."""
-        q_bytes, s_bytes = q.numel(), scales.numel() * 4
+        """The two streams of an int8_row or int8_group tensor; progress totals `in_bytes` (the source's size)."""
+        q_bytes, s_bytes = q.numel(), scales.numel() * scales.element_size()
         total = max(1, q_bytes + s_bytes)
         # progress in source bytes: q's share is int(q_bytes * in_bytes / total), the rest is the scales'
         q_share = q_bytes * in_bytes // total
@@ -431,17 +446,28 @@ class CllmWriter:
 
     def add_int8_tensor(
         self, name: str, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], None] | None = None, *, group_size: int | None = None,
     ) -> TensorEntry:
         """Write an already-quantized int8_row tensor (e.g. quantized on a GPU, or on another
-        thread); the bytes are those add_tensor writes for the same q and scales.
+        thread), or an int8_group one when `group_size` is given; the bytes are those
+        add_tensor writes for the same q and scales.
 
         Args:
-            q: int8 [rows, cols]; scales: float32 [rows]; dtype: the logical float dtype.
+            q: int8 [rows, cols]; scales: float32 [rows] (int8_row) or bfloat16
+                [rows, ceil(cols / group_size)] (int8_group); dtype: the logical float dtype.
             progress: called with increments that total the size of the source in `dtype`.
+            group_size: int8_group's columns per scale (a power of two in
+                [C.MIN_GROUP_SIZE, C.MAX_GROUP_SIZE]); None writes int8_row.
         """
         self._require(WriterState.OPEN)
-        if q.dtype != torch.int8 or q.dim() != 2 or scales.dtype != torch.float32 or scales.shape != (q.shape[0],):
+        if group_size is not None:
+            _check_group_size(name, group_size)
+            if (q.dtype != torch.int8 or q.dim() != 2 or scales.dtype != torch.bfloat16
+                    or scales.shape != (q.shape[0], group_count(q.shape[1], group_size))):
+                raise ValueError(f"tensor {name!r}: need int8 [rows, cols] and bfloat16 [rows, ceil(cols / "
+                                 f"{group_size})] scales, got {q.dtype} {tuple(q.shape)} and {scales.dtype} "
+                                 f"{tuple(scales.shape)}")
+        elif q.dtype != torch.int8 or q.dim() != 2 or scales.dtype != torch.float32 or scales.shape != (q.shape[0],):
             raise ValueError(f"tensor {name!r}: need int8 [rows, cols] and float32 [rows] scales")
         if dtype not in TORCH_TO_DTYPE or TORCH_TO_DTYPE[dtype] not in C.FLOAT_DTYPES:
             raise ValueError(f"tensor {name!r}: logical dtype must be a float dtype, got {dtype}")
@@ -450,7 +476,8 @@ class CllmWriter:
         streams = self._write_int8_streams(q, scales, progress, q.numel() * dtype.itemsize)
         entry = TensorEntry(
             name=name, shape=(int(q.shape[0]), int(q.shape[1])), dtype=TORCH_TO_DTYPE[dtype],
-            encoding=C.Encoding.INT8_ROW, group=len(self._groups) - 1, streams=streams,
+            encoding=C.Encoding.INT8_ROW if group_size is None else C.Encoding.INT8_GROUP,
+            group=len(self._groups) - 1, streams=streams, group_size=group_size,
         )
         self._tensors.append(entry)
         return entry
@@ -567,6 +594,13 @@ class CllmWriter:
             raise
         self.state = WriterState.DONE
         return self.path
+
+
+def _check_group_size(name: str, group_size: int) -> None:
+    if (type(group_size) is not int or not C.MIN_GROUP_SIZE <= group_size <= C.MAX_GROUP_SIZE
+            or group_size & (group_size - 1)):
+        raise ValueError(f"tensor {name!r}: group_size must be a power of two in "
+                         f"[{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], got {group_size!r}")
 
 
 def build_header(index_offset: int, index_length: int, index_checksum: int, file_length: int, *,

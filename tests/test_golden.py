@@ -89,7 +89,7 @@ def test_reader_returns_expected_bits(stem):
             assert same_bits(got, expected[name]), f"{stem}: tensor {name!r} differs from the expected bits"
             seen.add(name)
             entry = f.entry(name)
-            if entry.encoding == Encoding.INT8_ROW and name == entry.name:
+            if entry.encoding in (Encoding.INT8_ROW, Encoding.INT8_GROUP) and name == entry.name:
                 raw = f.get_raw(name)
                 assert same_bits(raw.data, expected[name + ".__q"]), f"{stem}: {name!r} int8 values"
                 assert same_bits(raw.scales, expected[name + ".__scale"]), f"{stem}: {name!r} scales"
@@ -153,6 +153,15 @@ TORCH = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float64
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
+
+
+def _to_dtype(prod: np.ndarray, dtype: int) -> torch.Tensor:
+    """binary32 products -> the logical dtype (section 10.2's convert_to_dtype)."""
+    if dtype == 3:
+        bits = prod.view(np.uint32).astype(np.uint64)
+        bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return torch.from_numpy(bf.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(prod.astype(DTYPES[dtype]))
 
 
 def spec_read(path: Path) -> dict[str, object]:
@@ -235,7 +244,25 @@ def spec_read(path: Path) -> dict[str, object]:
                               else torch.empty(shape, dtype=TORCH[dtype]))
             out[t["name"] + ".__exponent"] = torch.from_numpy(np.frombuffer(eb, dtype=np.uint8).copy())
             out[t["name"] + ".__sign_mantissa"] = torch.from_numpy(np.frombuffer(sb, dtype=np.uint8).copy())
+        elif t["encoding"] == 4:  # INT8_GROUP (section 10.4): bfloat16 scales [rows, ceil(cols / G)]
+            assert minor >= 1 and len(shape) == 2 and dtype in (1, 2, 3, 4)
+            G = t["group_size"]
+            assert G in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+            rows, cols = shape
+            n = math.ceil(cols / G)
+            qb, sb = [stream_bytes(s) for s in t["streams"]]
+            assert len(qb) == rows * cols and len(sb) == rows * n * 2
+            q = np.frombuffer(qb, dtype=np.int8).reshape(shape)
+            sbits = np.frombuffer(sb, dtype="<u2").reshape(rows, n)
+            scale32 = (sbits.astype(np.uint32) << 16).view(np.float32)
+            assert np.all(np.isfinite(scale32)) and np.all(scale32 >= 0)
+            expand = scale32[:, [c // G for c in range(cols)]] if cols else np.zeros(shape, np.float32)
+            prod = (q.astype(np.float32) * expand).astype(np.float32)
+            out[t["name"]] = _to_dtype(prod, dtype).reshape(shape)
+            out[t["name"] + ".__q"] = torch.from_numpy(q.copy())
+            out[t["name"] + ".__scale"] = torch.from_numpy(sbits.view(np.int16).copy()).view(torch.bfloat16)
         else:
+            assert "group_size" not in t
             assert t["encoding"] == 2 and len(shape) == 2 and dtype in (1, 2, 3, 4)
             qb, sb = [stream_bytes(s) for s in t["streams"]]
             q = np.frombuffer(qb, dtype=np.int8).reshape(shape)

@@ -29,11 +29,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
-def _inputs(m_shape, n, k, dtype, bias, seed, device="cpu"):
+def _inputs(m_shape, n, k, dtype, bias, seed, device="cpu", group=0):
+    """(x, q, s, b); group > 0: int8_group scales, bfloat16 [n, ceil(k / group)]."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(*m_shape, k, generator=g, device=device).to(dtype)
     q = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
-    s = torch.rand(n, generator=g, device=device) * 0.02 + 1e-3
+    if group:
+        s = (torch.rand(n, -(-k // group), generator=g, device=device) * 0.02 + 1e-3).to(torch.bfloat16)
+    else:
+        s = torch.rand(n, generator=g, device=device) * 0.02 + 1e-3
     b = torch.randn(n, generator=g, device=device).to(dtype) if bias else None
     return x, q, s, b
 
@@ -53,14 +57,19 @@ LAYOUTS = {
     "gemv-splitk": ((1,), 16, 2048, "bfloat16", False),
     "gemm": ((12,), 40, 96, "bfloat16", True),
     "gemv-3d-fp16": ((2, 3), 24, 160, "float16", False),
+    # int8_group scales (group size last): GEMV, GEMV with split-K, GEMM
+    "group-gemv": ((1,), 37, 300, "bfloat16", True, 64),
+    "group-gemv-splitk": ((1,), 16, 2048, "bfloat16", False, 128),
+    "group-gemm": ((12,), 40, 96, "float16", True, 32),
 }
 
 
 def _scenario_reuse(tk, name):
     """Three calls of one layout, fresh x each time: one bind, one build, then direct launches."""
-    m_shape, n, k, dt, bias = LAYOUTS[name]
+    m_shape, n, k, dt, bias, *group = LAYOUTS[name]
+    group = group[0] if group else 0
     dtype = getattr(torch, dt)
-    _, q, s, b = _inputs(m_shape, n, k, dtype, bias, 1)
+    _, q, s, b = _inputs(m_shape, n, k, dtype, bias, 1, group=group)
     plan = tk.LinearPlan()
     same, entries = [], []
     for i in range(3):
@@ -286,7 +295,7 @@ def test_plan_is_built_once_and_reused(interp, name):
     assert r["same"] == [True, True, True]  # bit-identical to the normal launch path, every call
     assert r["binds"] == 1 and r["builds"] == 1 and r["verified"] == 1 and r["one_entry"]
     assert r["entry"] == "_Fast" and r["direct_calls"] == 2  # the first call was the normal launch
-    assert r["launches"] == (2 if name == "gemv-splitk" else 1)  # split-K: GEMV + reduce, both direct
+    assert r["launches"] == (2 if name.endswith("gemv-splitk") else 1)  # split-K: GEMV + reduce, both direct
     assert r["status"] == [True, None]
 
 
@@ -498,3 +507,22 @@ if __name__ == "__main__":
         _interp_driver()
     else:
         sys.exit("usage: test_launch_plan.py --interp (run by the tests)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_direct_launch_with_group_scales(m):
+    """int8_group scales take the direct launch too, bit for bit with the normal launch."""
+    from codecllm_format.runtime import triton_kernels as tk
+
+    tk.reset_launch_cache()
+    n, k = 11008, 4096
+    _, q, s, b = _inputs((m,), n, k, torch.bfloat16, True, 11, "cuda", group=128)
+    plan = tk.LinearPlan()
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            x = _inputs((m,), n, k, torch.bfloat16, True, seed, "cuda")[0]
+            assert _same(plan(x, q, s, b), tk.int8_linear_triton(x, q, s, b)), seed
+        e = plan.entry(x)
+        assert type(e).__name__ == "_Fast" and e.calls == 2, tk.direct_launch_status()

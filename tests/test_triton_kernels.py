@@ -30,8 +30,8 @@ TOL = 1e-2  # bf16 operands/output: measured errors are 2e-3..4e-3 (bf16) and ~2
 _C = {}
 
 
-def _case(cid, x, n, dtype, path, bias, config=None, kind="c"):
-    _C[cid] = dict(x=list(x), n=n, dtype=dtype, path=path, bias=bias, config=config, kind=kind)
+def _case(cid, x, n, dtype, path, bias, config=None, kind="c", group=0):
+    _C[cid] = dict(x=list(x), n=n, dtype=dtype, path=path, bias=bias, config=config, kind=kind, group=group)
 
 
 # GEMV (decode): BLOCK_M 1/2/4/8, K tails, N tails, split-K, both int8 conversions, odd sizes.
@@ -62,6 +62,16 @@ _case("gemm-default", (24, 100), 45, "bfloat16", None, True)
 _case("gemm-m1-n1", (1, 50), 1, "float16", "gemm", True, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SWAP_AB=True))
 _case("gemm-3d-permuted", (3, 5, 64), 48, "bfloat16", None, False, kind="p")
 _case("gemm-transposed-x", (18, 96), 20, "float16", "gemm", True, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SWAP_AB=False), kind="t")
+# int8_group scales (bfloat16 [N, ceil(K / group)]): groups smaller and larger than BLOCK_K,
+# a partial last group (K not a multiple of the group), split-K, both GEMM orientations.
+_case("group-gemv-m1-bf16", (1, 300), 37, "bfloat16", "gemv", True, dict(BLOCK_N=8, BLOCK_K=64), group=16)
+_case("group-gemv-m3-fp16-i2f", (3, 200), 19, "float16", "gemv", False, dict(BLOCK_N=4, BLOCK_K=64, FAST_CVT=False), group=128)
+_case("group-gemv-m5-split", (5, 700), 21, "bfloat16", "gemv", True, dict(BLOCK_N=2, BLOCK_K=128, SPLIT_K=2), group=64)
+_case("group-gemv-default", (1, 2500), 29, "bfloat16", None, True, group=128)
+_case("group-gemm-bf16", (40, 200), 50, "bfloat16", "gemm", True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP_AB=False), group=32)
+_case("group-gemm-bf16-swap", (40, 200), 50, "bfloat16", "gemm", False, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP_AB=True), group=16)
+_case("group-gemm-fp16-split", (17, 260), 40, "float16", "gemm", True, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=1, SWAP_AB=False, SPLIT_K=2), group=128)
+_case("group-gemm-default", (24, 100), 45, "bfloat16", None, True, kind="t", group=16)
 
 
 def _make(case: dict, seed: int):
@@ -83,14 +93,22 @@ def _make(case: dict, seed: int):
         x = torch.randn(*shape, generator=g).to(dtype)
     assert tuple(x.shape) == tuple(shape)
     q = torch.randint(-128, 128, (n, k + (16 if kind == "q" else 0)), generator=g, dtype=torch.int8)[:, :k]
-    scales = torch.rand(n, generator=g) * 0.02 + 1e-3
+    if case.get("group"):  # int8_group: bfloat16 [n, ceil(k / group)]
+        scales = (torch.rand(n, -(-k // case["group"]), generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+    else:
+        scales = torch.rand(n, generator=g) * 0.02 + 1e-3
     bias = torch.randn(n, generator=g).to(dtype) if case["bias"] else None
     return x, q, scales, bias
 
 
 def _reference64(x, q, scales, bias):
-    """Dequantize-then-matmul in float64 (on x's device)."""
-    w = q.to(torch.float64) * scales.to(torch.float64)[:, None]
+    """Dequantize-then-matmul in float64 (on x's device); 2-D scales are int8_group's."""
+    if scales.dim() == 2:
+        group = -(-q.shape[1] // scales.shape[1])
+        group = 1 << (group - 1).bit_length()  # the power of two that gives that many groups
+        w = q.to(torch.float64) * scales.to(torch.float64).repeat_interleave(group, dim=1)[:, : q.shape[1]]
+    else:
+        w = q.to(torch.float64) * scales.to(torch.float64)[:, None]
     y = x.to(torch.float64) @ w.t()
     return y if bias is None else y + bias.to(torch.float64)
 
@@ -299,3 +317,25 @@ if __name__ == "__main__":
         _interp_driver(json.loads(sys.argv[2]))
     else:
         sys.exit("usage: test_triton_kernels.py --interp '<json list of case ids>' (run by the tests)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES + [(576, 1536), (1536, 576)])  # + SmolLM2's (576: partial groups of 128)
+def test_gpu_int8_group_scales(n, k, group, m):
+    """int8_group (bfloat16 [N, ceil(K / group)] scales) through both paths, vs float64."""
+    from codecllm_format.runtime import triton_kernels as tk
+
+    tk._POISON_WORKSPACE = True
+    try:
+        x, q, _s, b = _gpu_inputs((m,), n, k, torch.bfloat16, m % 2 == 0, n + k + m + group)
+        g = torch.Generator(device="cuda").manual_seed(group + m)
+        s = (torch.rand(n, -(-k // group), generator=g, device="cuda") * 0.02 + 1e-3).to(torch.bfloat16)
+        for path in [None] + (["gemv", "gemm"] if m <= 16 else []):
+            r = _check(x, q, s, b, path=path)
+            assert r["nonfinite"] == 0, (path, r)
+            assert r["err"] <= TOL, (path, r)
+    finally:
+        tk._POISON_WORKSPACE = False

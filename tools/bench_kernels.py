@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--no-autotune", action="store_true", help="CODECLLM_TRITON_AUTOTUNE=0: default configs only")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--group", type=int, default=0,
+                   help="int8_group scales: one bfloat16 scale per GROUP input columns (a power of two; "
+                   "default 0: per-row float32 scales)")
     return p.parse_args(argv)
 
 
@@ -166,15 +169,20 @@ def main(argv=None) -> int:
         return _median(times)
 
     for n, k in args.shapes:
-        int8_bytes = n * k + 4 * n
+        int8_bytes = n * k + (n * -(-k // args.group) * 2 if args.group else 4 * n)
         n_buf = max(2, min(32, math.ceil(args.rotate_mb * 1e6 / int8_bytes)))
         try:
             gen = torch.Generator(device=dev).manual_seed(n * 31 + k)
             qs, ss, ws = [], [], []
             for _ in range(n_buf):
                 w = torch.randn(n, k, generator=gen, device=dev, dtype=torch.float32)
-                s = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0
-                q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+                if args.group:
+                    from codecllm_format.quant import quantize_int8_groups
+
+                    q, s = quantize_int8_groups(w, args.group, torch.bfloat16)
+                else:
+                    s = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+                    q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
                 qs.append(q)
                 ss.append(s)
                 ws.append(kernels.dequantize(q, s, dtype))  # the bf16 weight F.linear reads
@@ -186,7 +194,10 @@ def main(argv=None) -> int:
             continue
         for m in args.m:
             x = torch.randn(m, k, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-            ref64 = x.double() @ (qs[0].double() * ss[0].double()[:, None]).t()
+            if args.group:
+                ref64 = x.double() @ kernels.dequantize(qs[0], ss[0], torch.float64).t()
+            else:
+                ref64 = x.double() @ (qs[0].double() * ss[0].double()[:, None]).t()
             methods = {
                 "bf16": (lambda i: F.linear(x, ws[i]), 2 * n * k),
                 "reference": (lambda i: kernels.int8_linear_reference(x, qs[i], ss[i]), int8_bytes),

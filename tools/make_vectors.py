@@ -27,13 +27,13 @@ from safetensors.torch import save_file
 from codecllm_format import CllmWriter, Encoding
 from codecllm_format import constants as C
 from codecllm_format.checksums import xxh3_64
-from codecllm_format.quant import quantize_int8_rows
+from codecllm_format.quant import quantize_int8_groups, quantize_int8_rows
 from codecllm_format.writer import build_header
 
 SEED = 20261127
 LEVEL = 3
-VECTOR_NAMES = ("int8", "raw", "multi", "extensions", "planes")
-EXPECTED_OF = {"int8": "int8", "raw": "raw", "multi": "multi", "extensions": "multi", "planes": "planes"}
+VECTOR_NAMES = ("int8", "raw", "multi", "extensions", "planes", "group")
+EXPECTED_OF = {"int8": "int8", "raw": "raw", "multi": "multi", "extensions": "multi", "planes": "planes", "group": "group"}
 """Vector -> stem of its expected-tensors file (extensions.cllm holds multi.cllm's tensors)."""
 EXPECTED_KEY = "cllm.expected"
 """The expected .safetensors' single metadata key: JSON {keys, metadata, files (base64)}."""
@@ -103,6 +103,24 @@ def reference_int8_row(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.T
     return q, scale, to_torch(deq, w.dtype)
 
 
+def reference_int8_group(w: torch.Tensor, group_size: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(q int8, scale bfloat16 bits uint16 [rows, groups], dequantized tensor in w.dtype) by the
+    spec's INT8_GROUP formulas (section 10.4)."""
+    x = w.to(torch.float32).numpy()
+    rows, cols = x.shape
+    n = -(-cols // group_size)
+    absmax = np.zeros((rows, n), np.float32)
+    for g in range(n):
+        absmax[:, g] = np.abs(x[:, g * group_size : (g + 1) * group_size]).max(axis=1)
+    bits = f32_to_bf16_bits((absmax / np.float32(127)).astype(np.float32))
+    scale = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)  # exact widening
+    col_scale = scale[:, np.arange(cols) // group_size] if cols else np.zeros((rows, 0), np.float32)
+    divisor = np.where(col_scale > 0, col_scale, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(x / divisor), -127, 127).astype(np.int8)
+    deq = (q.astype(np.float32) * col_scale).astype(np.float32)
+    return q, bits, to_torch(deq, w.dtype)
+
+
 # --- the vectors ----------------------------------------------------------------------------
 
 
@@ -119,6 +137,25 @@ def _int8_inputs() -> dict[str, torch.Tensor]:
         "w_ties": torch.from_numpy(ties),
         "w_nocols": torch.zeros((4, 0), dtype=torch.float32),  # no q bytes, 4 scales of 0
     }
+
+
+def _group_inputs() -> list[tuple[str, torch.Tensor, Encoding, int]]:
+    """INT8_GROUP tensors: (name, tensor, encoding, group size)."""
+    ties = np.zeros((3, 40), np.float32)
+    ties[0, :8] = [127, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]  # group 0: scale exactly 1, rounding ties
+    ties[0, 16:24] = 1e-3 * np.arange(1, 9, dtype=np.float32)  # group 1: a bfloat16-rounded scale
+    # group 2 of row 0 (8 columns, partial) stays zero: scale 0, q 0
+    ties[1] = np.linspace(-3, 5, 40, dtype=np.float32)  # absmax from a negative value in group 0
+    ties[2, 32:] = [-1e30, 3e29, 0, 1, -1, 2e-38, 5e29, 1e30]  # a large scale in the partial group
+    return [
+        ("g_f32", torch.from_numpy(uniform(SEED + 50, (32, 168), 2.0)), Encoding.INT8_GROUP, 64),  # 2 q chunks
+        ("g_bf16", to_torch(uniform(SEED + 51, (4, 64), 0.5), torch.bfloat16), Encoding.INT8_GROUP, 32),
+        ("g_f16", to_torch(uniform(SEED + 52, (5, 20), 8.0), torch.float16), Encoding.INT8_GROUP, 16),
+        ("g_f64", torch.from_numpy(uniform(SEED + 53, (2, 17), 1.0).astype(np.float64) / 3), Encoding.INT8_GROUP, 16),
+        ("g_ties", torch.from_numpy(ties), Encoding.INT8_GROUP, 16),
+        ("g_nocols", torch.zeros((4, 0), dtype=torch.float32), Encoding.INT8_GROUP, 128),  # empty streams
+        ("g_row", torch.from_numpy(uniform(SEED + 54, (3, 8), 1.0)), Encoding.INT8_ROW, None),  # mixed with INT8_ROW
+    ]
 
 
 def _raw_inputs() -> dict[str, torch.Tensor]:
@@ -211,10 +248,18 @@ def _multi_layers() -> list[tuple[str, list[tuple[str, torch.Tensor, Encoding]]]
     ])] + layers + empty
 
 
-def _expected(tensors: dict[str, tuple[torch.Tensor, Encoding]], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+def _expected(tensors: dict[str, tuple], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for name, (t, enc) in tensors.items():
-        if enc == Encoding.INT8_ROW:
+    for name, (t, enc, *gs) in tensors.items():
+        if enc == Encoding.INT8_GROUP:
+            q, bits, deq = reference_int8_group(t, gs[0])
+            q_lib, s_lib = quantize_int8_groups(t, gs[0], torch.bfloat16)
+            if not (np.array_equal(q, q_lib.numpy()) and np.array_equal(bits.view(np.int16), s_lib.view(torch.int16).numpy())):
+                raise AssertionError(f"{name}: codecllm_format.quant disagrees with the spec's int8_group formula")
+            out[name] = deq
+            out[name + ".__q"] = torch.from_numpy(q)
+            out[name + ".__scale"] = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+        elif enc == Encoding.INT8_ROW:
             q, scale, deq = reference_int8_row(t)
             q_lib, s_lib = quantize_int8_rows(t)
             if not (np.array_equal(q, q_lib.numpy()) and np.array_equal(scale.view(np.uint32), s_lib.numpy().view(np.uint32))):
@@ -249,8 +294,8 @@ def _write(path: Path, groups, *, chunk_size=C.DEFAULT_CHUNK_SIZE, aliases=None,
     with CllmWriter(path, chunk_size=chunk_size, level=LEVEL, threads=1, metadata=metadata) as w:
         for gname, members in groups:
             w.begin_group(gname)
-            for name, t, enc in members:
-                w.add_tensor(name, t, enc)
+            for name, t, enc, *gs in members:
+                w.add_tensor(name, t, enc, **({"group_size": gs[0]} if gs and gs[0] is not None else {}))
         for alias, target in (aliases or {}).items():
             w.add_alias(alias, target)
         for fname, data in (files or {}).items():
@@ -263,7 +308,7 @@ def _vector(out: Path, stem: str, groups, **kw) -> None:
     files = kw.get("files") or {}
     metadata = kw.get("metadata") or {}
     _write(out / f"{stem}.cllm", groups, **kw)
-    tensors = {n: (t, e) for _, members in groups for n, t, e in members}
+    tensors = {m[0]: tuple(m[1:]) for _, members in groups for m in members}
     keys = list(tensors) + list(aliases)
     _save_expected(out / f"{stem}.safetensors", _expected(tensors, aliases), keys, metadata, files)
 
@@ -312,6 +357,8 @@ def make_vectors(out: Path) -> list[Path]:
     planes = _planes_inputs()  # format 1.1: float_planes (lossless)
     _vector(out, "planes", [("model", [(n, t, Encoding.FLOAT_PLANES) for n, t in planes.items()])],
             chunk_size=C.MIN_CHUNK_SIZE, metadata={"vector": "planes", C.META_QUANTIZE: "none"})
+    _vector(out, "group", [("model", _group_inputs())], chunk_size=C.MIN_CHUNK_SIZE,
+            metadata={"vector": "group"})
     return [out / f"{stem}.cllm" for stem in VECTOR_NAMES] + [out / f"{stem}.safetensors" for stem in sorted(set(EXPECTED_OF.values()))]
 
 

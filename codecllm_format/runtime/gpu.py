@@ -501,7 +501,11 @@ class GpuProvider:
     def _views(buf: torch.Tensor, sl) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = sl.shape
         q = buf[sl.q_offset : sl.q_offset + rows * cols].view(torch.int8).view(rows, cols)
-        s = buf[sl.scale_offset : sl.scale_offset + rows * 4].view(torch.float32)
+        if sl.scale_groups:  # int8_group: bfloat16 [rows, groups]
+            n = rows * sl.scale_groups
+            s = buf[sl.scale_offset : sl.scale_offset + n * 2].view(torch.bfloat16).view(rows, sl.scale_groups)
+        else:
+            s = buf[sl.scale_offset : sl.scale_offset + rows * 4].view(torch.float32)
         return q, s
 
     def embedding_rows(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

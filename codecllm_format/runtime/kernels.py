@@ -1,5 +1,6 @@
 """Compute kernels of the runtime. For now only the reference implementations: dequantize
-int8 per-row weights to the activation dtype, then use torch's own ops. Faster (fused) kernels
+int8 weights (per-row float32 scales [rows], or int8_group bfloat16 scales [rows, groups]) to
+the activation dtype, then use torch's own ops. Faster (fused) kernels
 must match these (see DESIGN.md: every fast path is proven equal to the slow path)."""
 
 from __future__ import annotations
@@ -7,12 +8,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant import group_size_for
+
 LAYOUTS = ("linear", "conv1d")
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32(q) * scale[row], cast to `dtype` (bit-identical to quant.dequantize_int8_rows)."""
+    """float32(q) * scale[row], cast to `dtype` (bit-identical to quant.dequantize_int8_rows);
+    with 2-D scales [rows, groups] (int8_group), float32(q[r, c]) * scale[r, c // group_size]
+    (bit-identical to quant.dequantize_int8_groups; the group size follows from the shapes)."""
     w = q.to(torch.float32)
+    if scales.dim() == 2:
+        cols = q.shape[1]
+        if cols:
+            g = group_size_for(cols, scales.shape[1])
+            w.mul_(scales.to(torch.float32).repeat_interleave(g, dim=1)[:, :cols])
+        return w.to(dtype)
     w.mul_(scales.to(torch.float32)[:, None])
     return w.to(dtype)
 
@@ -102,7 +113,8 @@ def int8_linear_reference(
         x: activations (..., in_features); its dtype is the compute dtype.
         q: int8 weight in its stored shape: (out, in) for layout "linear" (nn.Linear),
             (in, out) for layout "conv1d" (transformers' GPT-2 Conv1D).
-        scales: float32 scale of each stored row.
+        scales: float32 scale of each stored row, or (int8_group) the scales [stored rows,
+            groups] of each group of columns of a stored row.
         bias: optional (out,) bias, in x's dtype.
         layout: "linear" or "conv1d".
 
@@ -125,13 +137,14 @@ def int8_embedding(
     Args:
         ids: token ids, any shape (only the shape is used).
         q_rows: int8 rows [ids.numel(), dim], the table rows of ids.reshape(-1) in order.
-        scales: float32 [ids.numel()], the scales of those rows.
+        scales: float32 [ids.numel()], the scales of those rows, or (int8_group) their
+            [ids.numel(), groups] group scales.
         dtype: output dtype.
 
     Returns:
         ids.shape + (dim,) tensor of `dtype`.
     """
-    if q_rows.dim() != 2 or q_rows.shape[0] != ids.numel() or scales.shape != (ids.numel(),):
+    if q_rows.dim() != 2 or q_rows.shape[0] != ids.numel() or scales.shape[:1] != (ids.numel(),) or scales.dim() > 2:
         raise ValueError(
             f"int8_embedding: {ids.numel()} ids, but rows {tuple(q_rows.shape)} and scales {tuple(scales.shape)}"
         )

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import constants as C
 from ..checksums import xxh3_64
+from ..quant import group_count
 from ..index import Index, align_up
 from .plan import GroupCost
 
@@ -19,12 +20,15 @@ SLOT_ALIGNMENT = 256
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """Where one int8_row tensor's values and scales sit in a decoded slot (byte offsets)."""
+    """Where one int8_row / int8_group tensor's values and scales sit in a decoded slot (byte
+    offsets). scale_groups 0: float32 scales [rows]; > 0 (int8_group): bfloat16 scales
+    [rows, scale_groups]."""
 
     name: str
     shape: tuple[int, int]
     q_offset: int
     scale_offset: int
+    scale_groups: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,19 +73,19 @@ class GroupLayout:
 
 
 def build_layouts(index: Index, planes: set[str] | None = None) -> dict[int, GroupLayout]:
-    """A GroupLayout for every group holding int8_row or float_planes tensors (other groups are
+    """A GroupLayout for every group holding int8_row, int8_group or float_planes tensors (other groups are
     not streamed). A group decodes in one batched call of one codec: float_planes tensors whose
     chunks use another codec than the group's int8 tensors (an ANS file) are left out.
     `planes`: the float_planes tensors to stream (None: all of them; the loader passes the
     Linear weights it decodes per forward, not tables it loads once)."""
     per_group: dict[int, list] = {}
     for t in index.tensors:
-        if t.encoding == C.Encoding.INT8_ROW or (
+        if t.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP) or (
                 t.encoding == C.Encoding.FLOAT_PLANES and (planes is None or t.name in planes)):
             per_group.setdefault(t.group, []).append(t)
     layouts = {}
     for gid, tensors in per_group.items():
-        int8 = [t for t in tensors if t.encoding == C.Encoding.INT8_ROW]
+        int8 = [t for t in tensors if t.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP)]
         group_codec = (int8 or tensors)[0].streams[0].codec
         tensors = [t for t in tensors if all(st.codec == group_codec for st in t.streams)]
         g = index.groups[gid]
@@ -100,10 +104,11 @@ def build_layouts(index: Index, planes: set[str] | None = None) -> dict[int, Gro
                 out_size.append(ch["raw"].astype(np.int64))
                 sums.append(ch["checksum"])
                 pos += stream.length
-            if t.encoding == C.Encoding.INT8_ROW:
-                slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1])
-            else:
+            if t.encoding == C.Encoding.FLOAT_PLANES:
                 planes[t.name] = PlaneSlice(t.name, tuple(t.shape), t.dtype, t.numel, offsets[0], offsets[1])
+            else:
+                groups = group_count(t.shape[1], t.group_size) if t.encoding == C.Encoding.INT8_GROUP else 0
+                slices[t.name] = TensorSlice(t.name, (t.shape[0], t.shape[1]), offsets[0], offsets[1], groups)
         layouts[gid] = GroupLayout(
             gid=gid,
             name=g.name,

@@ -1,7 +1,8 @@
 """Where compressed modules get their weights: the WeightProvider interface and the CPU one.
 
-A provider hands out int8 weights (and their per-row float32 scales) on its device, decoded
-from a .cllm file, and (optionally, `float_weight`) lossless float_planes weights. The loader wraps each transformer block (a layer group of the file) in
+A provider hands out int8 weights (and their per-row float32 scales, or an int8_group tensor's
+bfloat16 scales [rows, groups]) on its device, decoded from a .cllm file, and (optionally,
+`float_weight`) lossless float_planes weights. The loader wraps each transformer block (a layer group of the file) in
 begin_group / end_group calls, from forward hooks, so a provider can prefetch a group at its
 begin and free or reuse the group's decoded buffers at its end. The GPU runtime implements the
 same interface (runtime/gpu.py).
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 from .. import constants as C
-from ..errors import DeviceError, LoadError
+from ..errors import DecodeError, DeviceError, LoadError
 from ..index import Stream
+from ..quant import group_count
 from ..reader import CllmFile
 
 
@@ -94,8 +96,8 @@ class CpuProvider:
         if self._closed:
             raise LoadError("the model was closed: its weight provider is no longer usable")
         e = self.cllm.entry(name)
-        if e.encoding != C.Encoding.INT8_ROW or len(e.shape) != 2:
-            raise LoadError(f"tensor {name!r} is not an int8_row matrix (encoding {e.encoding.name}, shape {e.shape})")
+        if e.encoding not in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP) or len(e.shape) != 2:
+            raise LoadError(f"tensor {name!r} is not an int8_row or int8_group matrix (encoding {e.encoding.name}, shape {e.shape})")
         return e
 
     def _stream_ends(self, stream: Stream) -> np.ndarray:
@@ -140,15 +142,18 @@ class CpuProvider:
         self._int8_entry(name)
         raw = self.cllm.get_raw(name)
         self.stats["linear_calls"] += 1
-        self.stats["bytes_decoded"] += raw.data.numel() + raw.scales.numel() * 4
+        self.stats["bytes_decoded"] += raw.data.numel() + raw.scales.numel() * raw.scales.element_size()
         return raw.data, raw.scales
 
     def embedding_rows(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self._int8_entry(name)
         rows, dim = e.shape
         flat = ids.reshape(-1)
+        grouped = e.encoding == C.Encoding.INT8_GROUP
+        ng = group_count(dim, e.group_size) if grouped else 0
         if flat.numel() == 0:
-            return torch.empty((0, dim), dtype=torch.int8), torch.empty(0, dtype=torch.float32)
+            return torch.empty((0, dim), dtype=torch.int8), (
+                torch.empty((0, ng), dtype=torch.bfloat16) if grouped else torch.empty(0, dtype=torch.float32))
         if flat.dtype.is_floating_point or flat.dtype == torch.bool:
             raise TypeError(f"embedding ids must be integers, got {flat.dtype}")
         lo, hi = int(flat.min()), int(flat.max())
@@ -158,10 +163,17 @@ class CpuProvider:
         u = uniq.numpy()
         where = f"tensor {e.name!r}"
         q = self._gather_rows(e.streams[0], u, dim, where + " values").view(np.int8)
-        s = self._gather_rows(e.streams[1], u, 4, where + " scales").view("<f4").reshape(-1)
+        if grouped:  # bfloat16 [rows, groups]: numpy has no bfloat16, torch views the bits
+            s = self._gather_rows(e.streams[1], u, ng * 2, where + " scales").view("<i2")
+            s_t = torch.from_numpy(s.copy()).view(torch.bfloat16)[inverse]
+            f = s_t.to(torch.float32)
+            if f.numel() and not bool((torch.isfinite(f) & (f >= 0)).all()):
+                raise DecodeError(f"{where}: a scale is negative, NaN or infinite")
+        else:
+            s = self._gather_rows(e.streams[1], u, 4, where + " scales").view("<f4").reshape(-1)
+            s_t = torch.from_numpy(s.copy())[inverse]
         self.stats["embedding_calls"] += 1
         q_t = torch.from_numpy(q)[inverse]
-        s_t = torch.from_numpy(s.copy())[inverse]
         return q_t, s_t
 
     def float_weight(self, name: str) -> torch.Tensor:

@@ -4,7 +4,9 @@ Same function as kernels.int8_linear_reference for layout "linear":
 W[r, c] = float32(q[r, c]) * scale[r], y = x @ W^T + bias, q of shape (out, in). Because the scale
 belongs to an output row, the kernels accumulate sum_c x[c] * q[r, c] in float32 and multiply by
 scale[r] once at the end (the same function; the rounding differs from dequantize-then-matmul by
-far less than bf16's own rounding of the output).
+far less than bf16's own rounding of the output). With int8_group scales (2-D, [out, ceil(in /
+G)], G a power of two; constexpr GROUP = G) the scale varies along K, so both kernels multiply
+each loaded weight tile by its scales inside the K loop (dequantize in registers) instead.
 
 Two paths:
 - GEMV (M <= GEMV_MAX_M rows of activations, decode): CUDA-core multiply-add. Each program owns
@@ -37,6 +39,8 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+
+from ..quant import group_size_for
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 AUTOTUNE = os.environ.get("CODECLLM_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
@@ -71,8 +75,10 @@ def _int8_to_f32(w, FAST_CVT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(x_ptrs, w_ptrs, k0, rk, K, acc, MASKED: tl.constexpr, FAST_CVT: tl.constexpr):
-    """acc[BM, BN, BK] += x[:, None, k0:k0+BK] * w[None, :, k0:k0+BK]."""
+def _gemv_step(x_ptrs, w_ptrs, s_ptrs, k0, rk, K, acc, MASKED: tl.constexpr, FAST_CVT: tl.constexpr,
+               GROUP: tl.constexpr):  # fmt: skip
+    """acc[BM, BN, BK] += x[:, None, k0:k0+BK] * w[None, :, k0:k0+BK]; GROUP > 0 (int8_group):
+    w is float32(q) * scale[n, k // GROUP], s_ptrs the [1, BN, 1] scale row starts."""
     ks = tl.max_contiguous(tl.multiple_of(k0 + rk, 8), 8)[None, None, :]  # [1, 1, BK]
     if MASKED:
         kmask = ks < K
@@ -81,16 +87,26 @@ def _gemv_step(x_ptrs, w_ptrs, k0, rk, K, acc, MASKED: tl.constexpr, FAST_CVT: t
     else:
         w = tl.load(w_ptrs + ks)
         xv = tl.load(x_ptrs + ks)
-    return acc + _int8_to_f32(w, FAST_CVT) * xv.to(tl.float32)
+    wf = _int8_to_f32(w, FAST_CVT)
+    if GROUP > 0:
+        if MASKED:
+            sv = tl.load(s_ptrs + ks // GROUP, mask=kmask, other=0.0)
+        else:
+            sv = tl.load(s_ptrs + ks // GROUP)
+        wf = wf * sv.to(tl.float32)
+    return acc + wf * xv.to(tl.float32)
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_qn, stride_ym,
+    M, N, K, stride_xm, stride_qn, stride_ym, stride_sn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FAST_CVT: tl.constexpr = True,
+    GROUP: tl.constexpr = 0,
 ):  # fmt: skip
+    # GROUP 0: one scale per row n, applied to the sums; GROUP > 0 (int8_group): scale[n, k // GROUP]
+    # (row stride stride_sn) applied to the weights inside the K loop.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -101,19 +117,21 @@ def _gemv_kernel(
     rn_c = tl.minimum(rn, N - 1).to(tl.int64)
     x_ptrs = x_ptr + rm_c[:, None, None] * stride_xm  # [BM, 1, 1]
     w_ptrs = q_ptr + rn_c[None, :, None] * stride_qn  # [1, BN, 1]
+    s_ptrs = s_ptr + rn_c[None, :, None] * stride_sn  # [1, BN, 1] (GROUP > 0 only)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     k_full = k_lo + tl.maximum(k_hi - k_lo, 0) // BLOCK_K * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_full, BLOCK_K):
-        acc = _gemv_step(x_ptrs, w_ptrs, k0, rk, K, acc, False, FAST_CVT)
+        acc = _gemv_step(x_ptrs, w_ptrs, s_ptrs, k0, rk, K, acc, False, FAST_CVT, GROUP)
     if k_full < k_hi:  # only the last split can end inside a block
-        acc = _gemv_step(x_ptrs, w_ptrs, k_full, rk, K, acc, True, FAST_CVT)
+        acc = _gemv_step(x_ptrs, w_ptrs, s_ptrs, k_full, rk, K, acc, True, FAST_CVT, GROUP)
     out = tl.sum(acc, axis=2)  # [BM, BN]
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT_K == 1:
-        out = out * tl.load(s_ptr + rn_c)[None, :]
+        if GROUP == 0:
+            out = out * tl.load(s_ptr + rn_c)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -125,8 +143,10 @@ def _gemv_kernel(
 
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, total, N, stride_ym,
-                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """y[m, n] = (sum_s ws[s, m, n]) * scale[n] + bias[n], cast to y's dtype; total = M * N."""
+                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                          ROW_SCALE: tl.constexpr = True):  # fmt: skip
+    """y[m, n] = (sum_s ws[s, m, n]) * scale[n] + bias[n], cast to y's dtype; total = M * N.
+    ROW_SCALE False (int8_group): the partial sums are already scaled."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -136,7 +156,8 @@ def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, total, N, stride_ym,
         p += total
     n = offs % N
     m = offs // N
-    acc = acc * tl.load(s_ptr + n, mask=mask, other=0.0)
+    if ROW_SCALE:
+        acc = acc * tl.load(s_ptr + n, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -147,10 +168,12 @@ def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, total, N, stride_ym,
 
 
 @triton.jit
-def _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc,
-               SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _gemm_step(x_ptrs, w_ptrs, s_ptrs, k0, rk, K, stride_xk, acc,
+               SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
     """acc += one BLOCK_K slice. SWAP_AB: acc[BN, BM] += W[BN, BK] @ X^T[BK, BM] (the weight is
-    the MMA's A operand, straight from registers); else acc[BM, BN] += X[BM, BK] @ W^T[BK, BN]."""
+    the MMA's A operand, straight from registers); else acc[BM, BN] += X[BM, BK] @ W^T[BK, BN].
+    GROUP > 0 (int8_group): the tile is dequantized, float32(q) * scale[n, k // GROUP], before
+    the dot (s_ptrs: the scale row starts, shaped like w_ptrs)."""
     ks = k0 + rk
     if SWAP_AB:
         if MASKED:
@@ -161,6 +184,12 @@ def _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc,
             w = tl.load(w_ptrs + ks[None, :])
             xt = tl.load(x_ptrs + ks[:, None].to(tl.int64) * stride_xk)
         w = w.to(tl.float32)
+        if GROUP > 0:
+            if MASKED:
+                sv = tl.load(s_ptrs + (ks // GROUP)[None, :], mask=kmask[None, :], other=0.0)
+            else:
+                sv = tl.load(s_ptrs + (ks // GROUP)[None, :])
+            w = w * sv.to(tl.float32)
         if DOT_F32:
             acc = tl.dot(w, xt.to(tl.float32), acc)
         else:
@@ -174,6 +203,12 @@ def _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc,
             x = tl.load(x_ptrs + ks[None, :].to(tl.int64) * stride_xk)
             wt = tl.load(w_ptrs + ks[:, None])
         wt = wt.to(tl.float32)
+        if GROUP > 0:
+            if MASKED:
+                sv = tl.load(s_ptrs + (ks // GROUP)[:, None], mask=kmask[:, None], other=0.0)
+            else:
+                sv = tl.load(s_ptrs + (ks // GROUP)[:, None])
+            wt = wt * sv.to(tl.float32)
         if DOT_F32:
             acc = tl.dot(x.to(tl.float32), wt, acc)
         else:
@@ -184,11 +219,13 @@ def _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc,
 @triton.jit
 def _gemm_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, M_KEY,
+    M, N, K, stride_xm, stride_xk, stride_qn, stride_ym, M_KEY, stride_sn,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr, GROUP: tl.constexpr = 0,
 ):  # fmt: skip
+    # GROUP: as in _gemv_kernel (0: per-row scales on the accumulator; > 0: int8_group scales
+    # [N, ceil(K / GROUP)] with row stride stride_sn, applied to each weight tile).
     # M_KEY (M rounded up to a power of two) is only the autotuning key.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -212,21 +249,24 @@ def _gemm_kernel(
     k_full = k_lo + tl.maximum(k_hi - k_lo, 0) // BLOCK_K * BLOCK_K
     if SWAP_AB:
         w_ptrs = q_ptr + rn_c[:, None] * stride_qn  # [BN, 1] (+ ks[None, :])
+        s_ptrs = s_ptr + rn_c[:, None] * stride_sn  # [BN, 1] (GROUP > 0 only)
         x_ptrs = x_ptr + rm_c[None, :] * stride_xm  # [1, BM] (+ ks[:, None] * stride_xk)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         x_ptrs = x_ptr + rm_c[:, None] * stride_xm  # [BM, 1]
         w_ptrs = q_ptr + rn_c[None, :] * stride_qn  # [1, BN]
+        s_ptrs = s_ptr + rn_c[None, :] * stride_sn  # [1, BN] (GROUP > 0 only)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_full, BLOCK_K):
-        acc = _gemm_step(x_ptrs, w_ptrs, k0, rk, K, stride_xk, acc, SWAP_AB, DOT_F32, False)
+        acc = _gemm_step(x_ptrs, w_ptrs, s_ptrs, k0, rk, K, stride_xk, acc, SWAP_AB, DOT_F32, False, GROUP)
     if k_full < k_hi:  # only the last split can end inside a block
-        acc = _gemm_step(x_ptrs, w_ptrs, k_full, rk, K, stride_xk, acc, SWAP_AB, DOT_F32, True)
+        acc = _gemm_step(x_ptrs, w_ptrs, s_ptrs, k_full, rk, K, stride_xk, acc, SWAP_AB, DOT_F32, True, GROUP)
 
     if SWAP_AB:  # acc is [BN, BM]
         mask = (rn[:, None] < N) & (rm[None, :] < M)
         if SPLIT_K == 1:
-            acc = acc * tl.load(s_ptr + rn_c)[:, None]
+            if GROUP == 0:
+                acc = acc * tl.load(s_ptr + rn_c)[:, None]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn_c).to(tl.float32)[:, None]
             y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
@@ -237,7 +277,8 @@ def _gemm_kernel(
     else:  # acc is [BM, BN]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         if SPLIT_K == 1:
-            acc = acc * tl.load(s_ptr + rn_c)[None, :]
+            if GROUP == 0:
+                acc = acc * tl.load(s_ptr + rn_c)[None, :]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
             y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -374,7 +415,14 @@ def unsupported_reason(
         return "q/scales not on x's device"
     if q.stride(1) != 1 or q.stride(0) < k:
         return "q rows are not contiguous"
-    if scales.shape != (n,):
+    if scales.dim() == 2:  # int8_group: [n, ceil(k / group)], a power-of-two group
+        if scales.shape[0] != n or scales.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"group scales {scales.dtype} {tuple(scales.shape)} are not float [{n}, groups]"
+        try:
+            group_size_for(k, scales.shape[1])
+        except ValueError as e:
+            return f"group scales {tuple(scales.shape)}: {e}"
+    elif scales.shape != (n,):
         return f"scales shape {tuple(scales.shape)} != ({n},)"
     if bias is not None and (bias.shape != (n,) or bias.device != x.device or bias.dtype != x.dtype):
         return "bias shape/device/dtype differs from (out_features,) on x's device in x's dtype"
@@ -406,7 +454,9 @@ def int8_linear_triton(
     Args:
         x: (..., in_features) bfloat16 or float16 activations on a CUDA device (any strides).
         q: (out_features, in_features) int8 weight, rows contiguous.
-        scales: (out_features,) scale of each row (converted to float32).
+        scales: (out_features,) scale of each row (converted to float32), or int8_group scales
+            (out_features, ceil(in_features / G)) for a power-of-two group size G (float32,
+            bfloat16 or float16, read as they are).
         bias: optional (out_features,) bias in x's dtype.
         path: "gemv", "gemm" or None (GEMV for up to GEMV_MAX_M rows of x, else GEMM).
         config: meta-parameters to force instead of autotuning (keys of a GEMV_CONFIGS /
@@ -431,7 +481,10 @@ def _run(x, q, scales, bias, path, config, out, record=None) -> torch.Tensor:
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    s = scales if scales.dtype == torch.float32 and scales.is_contiguous() else scales.float().contiguous()
+    if scales.dim() == 2:  # int8_group scales: read in their own dtype
+        s = scales if scales.is_contiguous() else scales.contiguous()
+    else:
+        s = scales if scales.dtype == torch.float32 and scales.is_contiguous() else scales.float().contiguous()
     b = bias.contiguous() if bias is not None else None
     shape = (*x.shape[:-1], n)
     if out is None:
@@ -459,6 +512,8 @@ def _launch(path, x2, q, s, b, y2, config, record=None) -> None:
     that receives one _LaunchRecord per launch (what the direct launcher of _Fast replays)."""
     m, k = x2.shape
     n = q.shape[0]
+    group = group_size_for(k, s.shape[1]) if s.dim() == 2 else 0  # 0: per-row scales
+    stride_sn = s.stride(0) if s.dim() == 2 else 0
     has_bias = b is not None
     b_arg = b if has_bias else s  # any valid pointer; never read without HAS_BIAS
     cfg = dict(config or {})
@@ -480,8 +535,8 @@ def _launch(path, x2, q, s, b, y2, config, record=None) -> None:
 
     if path == "gemv":
         block_m = triton.next_power_of_2(m)
-        args = (x2, q, s, b_arg, y2, ws, m, n, k, x2.stride(0), q.stride(0), y2.stride(0))
-        consts = dict(HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_M=block_m)
+        args = (x2, q, s, b_arg, y2, ws, m, n, k, x2.stride(0), q.stride(0), y2.stride(0), stride_sn)
+        consts = dict(HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_M=block_m, GROUP=group)
 
         rec = _LaunchRecord(_gemv_kernel, args, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split))
         if tuned:
@@ -492,8 +547,9 @@ def _launch(path, x2, q, s, b, y2, config, record=None) -> None:
             rec.ret = _gemv_kernel[rec.grid](*args, **consts, **meta)
     else:
         m_key = min(triton.next_power_of_2(m), 4096)
-        args = (x2, q, s, b_arg, y2, ws, m, n, k, x2.stride(0), x2.stride(1), q.stride(0), y2.stride(0), m_key)
-        consts = dict(HAS_BIAS=has_bias, DOT_F32=INTERPRET and x2.dtype == torch.bfloat16, SPLIT_K=split)
+        args = (x2, q, s, b_arg, y2, ws, m, n, k, x2.stride(0), x2.stride(1), q.stride(0), y2.stride(0), m_key,
+                stride_sn)
+        consts = dict(HAS_BIAS=has_bias, DOT_F32=INTERPRET and x2.dtype == torch.bfloat16, SPLIT_K=split, GROUP=group)
 
         rec = _LaunchRecord(
             _gemm_kernel, args, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
@@ -511,7 +567,8 @@ def _launch(path, x2, q, s, b, y2, config, record=None) -> None:
         block = 1024
         args = (ws, s, b_arg, y2, m * n, n, y2.stride(0))
         rec = _LaunchRecord(_splitk_reduce_kernel, args, lambda meta: (triton.cdiv(m * n, block),))
-        rec.ret = _splitk_reduce_kernel[rec.grid](*args, HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=block)
+        rec.ret = _splitk_reduce_kernel[rec.grid](*args, HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=block,
+                                                  ROW_SCALE=group == 0)
         if record is not None:
             record.append(rec)
 
@@ -810,7 +867,7 @@ def _build(weights: _Weights, key, x, q, s, b):
     plain = (
         x2.stride(1) == 1
         and x2.data_ptr() == x.data_ptr()  # a view: the kernels can read x itself
-        and s.dtype == torch.float32
+        and (s.dtype == torch.float32 or s.dim() == 2)  # what _run passes on unconverted
         and s.is_contiguous()
         and (b is None or b.is_contiguous())
     )
