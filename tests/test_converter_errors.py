@@ -64,8 +64,15 @@ def test_not_safetensors(kind: str, content: bytes, tmp_path: Path):
 
 
 def test_cllm_file_as_input(tmp_path: Path):
+    """A .cllm input is transcoded only when a codec is asked for (cllm-convert FILE.cllm --codec);
+    without one, the error says so and nothing is written. A .cllm renamed .safetensors is
+    still not a safetensors file."""
     inp = write_small_cllm(tmp_path / "model.cllm")
-    convert_fails(inp, tmp_path / "out.cllm", f"{inp}: not a readable safetensors file")
+    convert_fails(inp, tmp_path / "out.cllm", f"{inp} is already a .cllm file; to rewrite it with another int8 codec, "
+                  "pass --codec ans or --codec zstd")
+    renamed = tmp_path / "model.safetensors"
+    renamed.write_bytes(inp.read_bytes())
+    convert_fails(renamed, tmp_path / "out.cllm", f"{renamed}: not a readable safetensors file")
 
 
 def _header_and_data(small_safetensors: Path) -> tuple[bytes, bytes]:
