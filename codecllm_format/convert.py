@@ -226,7 +226,7 @@ PLANE_DTYPES = ("BF16", "F16", "F32")
 """safetensors dtypes the lossless float_planes encoding takes (F64 and integers stay raw)."""
 
 
-QUANTIZE_HELP = ("int8, none (lossless) or int8-gN (int8 with one bfloat16 scale per N input columns, N a power of two "
+QUANTIZE_HELP = ("int8 or none (lossless), or int8-gN (int8 with one bfloat16 scale per N input columns, N a power of two "
                  f"in [{C.MIN_GROUP_SIZE}, {C.MAX_GROUP_SIZE}], e.g. int8-g64; int8-group is int8-g{C.DEFAULT_GROUP_SIZE})")
 
 
