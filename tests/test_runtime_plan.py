@@ -8,6 +8,7 @@ import torch
 
 import codecllm_format as cf
 from codecllm_format.runtime.layout import SLOT_ALIGNMENT, build_layouts
+from codecllm_format.errors import CllmError
 from codecllm_format.runtime.plan import GroupCost, parse_bytes, plan_residency
 
 MiB = 1024 * 1024
@@ -123,3 +124,20 @@ def test_gpu_gate_refuses_bad_frames_before_the_gpu(tmp_path):
         flipped[off + 3] ^= 1
         with pytest.raises(cf.ChecksumError, match="refusing to send it to the GPU"):
             verify_group(f, lay, memoryview(flipped))
+
+
+def test_scratch_counts_toward_the_budget():
+    """A provider's fixed scratch (the lossless re-interleave buffer) is part of weight_vram, so
+    a budget that fits the plan without it can refuse it, and auto picks slower tiers."""
+    groups = [GroupCost(i, f"layers.{i}", 90 * MiB, 100 * MiB) for i in range(4)]
+    plain = plan_residency(groups, "gpu", reserve=0)
+    with_scratch = plan_residency(groups, "gpu", reserve=0, scratch_bytes=64 * MiB)
+    assert with_scratch.weight_vram == plain.weight_vram + 64 * MiB
+    assert "scratch 64.0 MiB" in with_scratch.summary()
+    plan_residency(groups, "gpu", max_vram=plain.weight_vram, reserve=0)
+    with pytest.raises(CllmError, match="needs about"):
+        plan_residency(groups, "gpu", max_vram=plain.weight_vram, reserve=0, scratch_bytes=64 * MiB)
+    # all-gpu needs 400 + 64 MiB; streaming everything 2 x (90 + 100) + 64 = 444 MiB
+    auto = plan_residency(groups, "auto", max_vram=450 * MiB, reserve=0, scratch_bytes=64 * MiB)
+    assert set(auto.tiers.values()) != {"gpu"} and auto.weight_vram <= 450 * MiB
+    assert plan_residency(groups, "auto", max_vram=450 * MiB, reserve=0).tiers == plain.tiers

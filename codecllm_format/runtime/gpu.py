@@ -174,8 +174,12 @@ class GpuProvider:
                                 f"as stored; use codec='auto' (or 'ans'), or load a zstd file")
         self._tensor_group = {name: gid for gid, lay in self.layouts.items() for name in lay.tensors}
         self._planes_group = {name: gid for gid, lay in self.layouts.items() for name in lay.planes}
+        # Lossless (float_planes) weights are re-interleaved per use into one scratch buffer.
+        self._float_bytes = max((ps.numel * DTYPE_TO_TORCH[ps.dtype].itemsize
+                                 for lay in self.layouts.values() for ps in lay.planes.values()), default=0)
         self.plan: ResidencyPlan = plan_residency(
-            [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve
+            [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve,
+            scratch_bytes=self._float_bytes,
         )
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)
@@ -295,9 +299,7 @@ class GpuProvider:
         self.plan.staging_bytes = max(staged) if staged else 0
         self.plan.resident_bytes = sum(self.resident[g].numel() for g in self.resident) + sum(
             self.dev_store[g].numel() for g in self.dev_store)
-        # Lossless (float_planes) weights are re-interleaved per use into one scratch buffer.
-        float_bytes = max((ps.numel * DTYPE_TO_TORCH[ps.dtype].itemsize
-                           for lay in self.layouts.values() for ps in lay.planes.values()), default=0)
+        float_bytes = self._float_bytes
         self._float_scratch = torch.empty(float_bytes, dtype=torch.uint8, device=dev) if float_bytes else None
         self.slots: list[_Slot] = []
         for k in range(self.plan.slots):

@@ -45,11 +45,13 @@ class ResidencyPlan:
     """VRAM held by gpu and gpu-compressed groups."""
     reserve_bytes: int
     names: dict[int, str] = field(default_factory=dict)
+    scratch_bytes: int = 0
+    """Fixed working buffers (the re-interleave buffer of lossless weights)."""
 
     @property
     def weight_vram(self) -> int:
-        """Expected VRAM for int8 weights: residents plus all slots."""
-        return self.resident_bytes + self.slots * (self.staging_bytes + self.slot_bytes)
+        """Expected VRAM for weights: residents, all slots and the fixed scratch."""
+        return self.resident_bytes + self.slots * (self.staging_bytes + self.slot_bytes) + self.scratch_bytes
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -58,10 +60,11 @@ class ResidencyPlan:
         tiers = ", ".join(f"{n} {t}" for t, n in counts.items())
         mib = 1024 * 1024
         lines = [
-            f"residency plan: {len(self.tiers)} int8 layer groups: {tiers}",
+            f"residency plan: {len(self.tiers)} layer groups: {tiers}",
             f"  expected weight VRAM {self.weight_vram / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f} MiB"
-            f" + {self.slots} slots x (staging {self.staging_bytes / mib:.1f} + decoded {self.slot_bytes / mib:.1f} MiB);"
-            f" reserved for KV cache/activations {self.reserve_bytes / mib:.1f} MiB",
+            f" + {self.slots} slots x (staging {self.staging_bytes / mib:.1f} + decoded {self.slot_bytes / mib:.1f} MiB)"
+            + (f" + scratch {self.scratch_bytes / mib:.1f} MiB" if self.scratch_bytes else "")
+            + f"; reserved for KV cache/activations {self.reserve_bytes / mib:.1f} MiB",
         ]
         for gid, tier in self.tiers.items():
             lines.append(f"  {self.names.get(gid, gid)}: {tier}")
@@ -104,6 +107,7 @@ def plan_residency(
     *,
     slots: int = 2,
     reserve: int | str | None = None,
+    scratch_bytes: int = 0,
 ) -> ResidencyPlan:
     """Choose a tier for every group.
 
@@ -114,6 +118,8 @@ def plan_residency(
         slots: streaming buffers (2 = decode the next group while this one computes).
         reserve: VRAM kept free for the KV cache and activations (default: 10% of the
             budget, at least 256 MiB).
+        scratch_bytes: fixed working VRAM the provider allocates whatever the tiers (counted in
+            weight_vram, so budgets include it).
 
     Raises:
         CllmError: unknown tier, or the budget cannot hold even the streaming slots.
@@ -133,7 +139,8 @@ def plan_residency(
     def make(tiers: dict[int, str]) -> ResidencyPlan:
         staging, slot = _streaming_cost(groups, tiers, slots)
         n_slots = slots if slot else 0
-        return ResidencyPlan(tiers, n_slots, staging, slot, _resident(groups, tiers), reserve_bytes, names)
+        return ResidencyPlan(tiers, n_slots, staging, slot, _resident(groups, tiers), reserve_bytes, names,
+                             scratch_bytes)
 
     if residency != "auto":
         plan = make({g.gid: residency for g in groups})
