@@ -383,8 +383,11 @@ def convert(
         return transcode_cllm(input_path, output_path, codec=codec, threads=threads, overwrite=overwrite,
                               trust_gpu_codecs=trust_gpu_codecs, level=level)
     codec = codec or "zstd"
-    _check_codec(codec)
     _, group_size = parse_quantize(quantize)
+    if codec == "ans" and group_size is not None:
+        raise ConversionError(f"--codec ans stores int8_row weights only (spec/FORMAT.md section 11); "
+                              f"--quantize {quantize} files stay zstd: drop --codec ans or use --quantize int8")
+    _check_codec(codec)
     keep = None
     if keep_regex:
         try:

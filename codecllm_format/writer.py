@@ -472,6 +472,9 @@ class CllmWriter:
         if dtype not in TORCH_TO_DTYPE or TORCH_TO_DTYPE[dtype] not in C.FLOAT_DTYPES:
             raise ValueError(f"tensor {name!r}: logical dtype must be a float dtype, got {dtype}")
         self._claim_name(name)
+        if group_size is not None and self.int8_codec.codec_id == C.Codec.ANS:
+            raise ValueError(f"tensor {name!r}: int8_group streams are zstd only (codec ANS holds int8_row streams, "
+                             f"spec/FORMAT.md section 11)")
         self._note_int8_codec(name, (self.int8_codec.codec_id,))
         streams = self._write_int8_streams(q, scales, progress, q.numel() * dtype.itemsize)
         entry = TensorEntry(

@@ -351,3 +351,10 @@ def test_interrupt_before_writing(small_safetensors: Path, tmp_path: Path):
     with pytest.raises(KeyboardInterrupt):
         convert(small_safetensors, tmp_path / "x.cllm", on_start=on_start)
     assert leftovers(tmp_path) == []
+
+
+def test_ans_codec_with_group_scales_is_refused_before_anything(small_safetensors: Path, tmp_path: Path):
+    """Codec ANS holds int8_row streams only (spec section 11): --codec ans with --quantize int8-gN
+    is refused up front, on any machine, and nothing is written."""
+    convert_fails(small_safetensors, tmp_path / "out.cllm", "--codec ans stores int8_row weights only",
+                  quantize="int8-g128", codec="ans")
