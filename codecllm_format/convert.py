@@ -26,7 +26,7 @@ from .hub import checkpoint_source, source_card_metadata
 from .hub import default_output as hub_default_output
 from .quant import NonFiniteError, quantize_int8_groups, quantize_int8_rows
 from .stats import bf16_size, human
-from .writer import PARTIAL_SUFFIX, TORCH_TO_DTYPE, CllmWriter, tensor_bytes
+from .writer import PARTIAL_SUFFIX, CllmWriter, tensor_bytes
 
 EMBEDDED_FILES = (
     "config.json",

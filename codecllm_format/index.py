@@ -367,7 +367,6 @@ def _check_layout(index: Index, index_offset: int) -> None:
     pos = C.DATA_START
     group_cursor = -1
     cur = None  # end of the last chunk in the current group
-    group_start = None
 
     def close_group(gid: int) -> int:
         g = groups[gid]

@@ -654,6 +654,9 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
                 parents[id(child)].append((mod, cname))
     plans: dict[int, tuple[str, str]] = {}  # module id -> (kind, stored weight name)
     compressed_slots: set[str] = set()
+    # lossless Linear weights decoded per forward, where the provider can (float_weight): the
+    # same rule that tells a GPU provider which planes to stream
+    float_sources = _float_linear_sources(model, cllm) if hasattr(provider, "float_weight") else set()
     for mid, mod in modules.items():
         kind = _replaceable(mod)
         if kind is None:
@@ -664,10 +667,8 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
             continue
         encoding = cllm.entry(s.source).encoding
         if encoding == C.Encoding.FLOAT_PLANES:
-            # lossless Linear weights are decoded per forward when the provider can
-            # (CpuProvider.float_weight); shared with another module (a tied embedding that
-            # is loaded as a parameter) or on a provider without it: a parameter, decoded at load
-            if kind != "linear" or not hasattr(provider, "float_weight") or len(by_identity[id(s.tensor)]) > 1:
+            # others (shared with a tied embedding, or no float_weight): a parameter decoded at load
+            if kind != "linear" or s.source not in float_sources:
                 continue
             kind = "float_linear"
         elif encoding not in INT8_ENCODINGS:

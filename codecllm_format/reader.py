@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from . import constants as C
@@ -32,7 +31,7 @@ from .errors import (
     TrustRequired,
     UnsupportedVersion,
 )
-from .index import Index, Stream, TensorEntry, align_up, check_minor_version, decode_index
+from .index import Index, Stream, TensorEntry, check_minor_version, decode_index
 from .planes import join_planes
 from .quant import dequantize_int8_groups, dequantize_int8_rows, group_count
 from .writer import DTYPE_TO_TORCH
@@ -356,18 +355,12 @@ class CllmFile:
             if stream.codec in C.GPU_ONLY_CODECS:
                 prev_end = self._verify_gpu_stream(name, stream, codec, prev_end, problems, undecoded)
                 continue
-            for i, (off, stored, raw, checksum) in enumerate(stream.chunks.tolist()):
-                where = f"{name!r} chunk {i} at offset {off}"
-                if any(mm[prev_end:off]):
-                    problems.append(f"non-zero padding in [{prev_end}, {off}) before {where}")
-                prev_end = off + stored
-                view = memoryview(mm)[off : off + stored]
+            for i, record in enumerate(stream.chunks.tolist()):
+                where, view, prev_end = self._checksummed_chunk(mm, name, i, record, prev_end, problems)
+                if view is None:
+                    continue
                 try:
-                    actual = xxh3_64(view)
-                    if actual != checksum:
-                        problems.append(f"{where}: checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
-                        continue
-                    codec.check_frame(view, raw, where)
+                    codec.check_frame(view, record[2], where)
                 except CllmError as e:
                     problems.append(str(e))
                 finally:
@@ -375,6 +368,22 @@ class CllmFile:
         if any(mm[prev_end : self.header.index_offset]):
             problems.append(f"non-zero padding in [{prev_end}, {self.header.index_offset}) before the index")
         return problems
+
+    @staticmethod
+    def _checksummed_chunk(mm, name: str, i: int, record, prev_end: int, problems: list[str]):
+        """verify()'s first checks of one chunk: the padding before it, then its checksum.
+        Returns (where, a view of its stored bytes or None if the checksum failed, its end)."""
+        off, stored, _raw, checksum = record
+        where = f"{name!r} chunk {i} at offset {off}"
+        if any(mm[prev_end:off]):
+            problems.append(f"non-zero padding in [{prev_end}, {off}) before {where}")
+        view = memoryview(mm)[off : off + stored]
+        actual = xxh3_64(view)
+        if actual != checksum:
+            problems.append(f"{where}: checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
+            view.release()
+            return where, None, off + stored
+        return where, view, off + stored
 
     def _verify_gpu_stream(self, name: str, stream: Stream, codec, prev_end: int, problems: list[str],
                            undecoded: list[str] | None) -> int:
@@ -385,17 +394,11 @@ class CllmFile:
         mm = self._buf()
         views, raws = [], []
         try:
-            for i, (off, stored, raw, checksum) in enumerate(stream.chunks.tolist()):
-                where = f"{name!r} chunk {i} at offset {off}"
-                if any(mm[prev_end:off]):
-                    problems.append(f"non-zero padding in [{prev_end}, {off}) before {where}")
-                prev_end = off + stored
-                view = memoryview(mm)[off : off + stored]
-                actual = xxh3_64(view)
-                if actual != checksum:
-                    problems.append(f"{where}: checksum mismatch (stored {checksum:#018x}, computed {actual:#018x})")
-                    view.release()
+            for i, record in enumerate(stream.chunks.tolist()):
+                where, view, prev_end = self._checksummed_chunk(mm, name, i, record, prev_end, problems)
+                if view is None:
                     continue
+                _off, stored, raw, _checksum = record
                 try:
                     check_ans_chunk_sizes(stored, raw, where)
                 except CllmError as e:

@@ -57,11 +57,6 @@ class GroupReader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cllm-disk-read")
         self.stats = {"reads": 0, "ready_on_take": 0, "waited_on_take": 0}
 
-    @property
-    def pinned_bytes(self) -> int:
-        """Pinned host memory held by the ring."""
-        return sum(b.tensor.numel() for b in self._free) + sum(b.tensor.numel() for b, _ in self._pending.values())
-
     def _job(self, gid: int, buf: _Buffer) -> None:
         if buf.copied is not None:
             buf.copied.synchronize()  # the previous group's host->GPU copy has left this buffer
