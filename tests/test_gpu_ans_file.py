@@ -120,6 +120,8 @@ def test_every_tier_gives_the_zstd_files_logits(files):
             enc = {g: e.codec for g, e in a.provider.encoded.items()}
             assert set(enc.values()) == {"ans"}, enc  # used as stored: no transcoding
             got = _logits(a, ids)
+            # embedding rows come from the table decoded on the GPU, never the CPU fallback
+            assert a.provider.cpu_fallback.stats["embedding_calls"] == 0, tier
         assert torch.equal(got, ref), tier
 
 

@@ -90,6 +90,39 @@ def test_layout_maps_every_int8_chunk(tmp_path):
         assert np.all(np.diff(lay.out_offsets) > 0)
 
 
+@pytest.mark.parametrize("limit", [4096, 10000, 3 * 4096, 1 << 20])
+def test_merged_chunks_cover_the_same_bytes(tmp_path, limit):
+    """In-memory copies may merge a group's chunks (fewer chunks per nvCOMP call): the merged
+    chunks must decode to exactly the bytes the file's chunks fill, never bridge an alignment gap,
+    and stay within the limit."""
+    from codecllm_format.runtime.nvcomp_decoder import merge_chunks
+
+    path = tmp_path / "m.cllm"
+    g = torch.Generator().manual_seed(2)
+    with cf.CllmWriter(path, chunk_size=4096) as w:
+        w.begin_group("model.layers.0")
+        w.add_tensor("model.layers.0.a.weight", torch.randn(100, 300, generator=g), cf.Encoding.INT8_ROW)
+        w.add_tensor("model.layers.0.b.weight", torch.randn(70, 129, generator=g), cf.Encoding.INT8_ROW)
+        w.finish()
+    with cf.open(path) as f:
+        (lay,) = build_layouts(f.index).values()
+    offsets, sizes = merge_chunks(lay.out_offsets, lay.out_sizes, limit)
+    def covered(o, n):
+        mask = np.zeros(lay.decoded_bytes, dtype=bool)
+        for a, b in zip(o.tolist(), n.tolist()):
+            assert not mask[a : a + b].any()  # no overlap
+            mask[a : a + b] = True
+        return mask
+    assert np.array_equal(covered(offsets, sizes), covered(lay.out_offsets, lay.out_sizes))
+    originals = set(zip(lay.out_offsets.tolist(), lay.out_sizes.tolist()))
+    assert all(n <= limit or (o, n) in originals for o, n in zip(offsets.tolist(), sizes.tolist()))
+    assert len(offsets) <= len(lay.out_offsets)
+    if limit >= 1 << 20:  # one merged chunk per run of touching chunks: here one per stream
+        assert len(offsets) == sum(len(t.streams) for t in f.index.tensors if t.group == 0)
+    if limit == 4096:
+        assert np.array_equal(offsets, lay.out_offsets) and np.array_equal(sizes, lay.out_sizes)
+
+
 def test_gpu_gate_refuses_bad_frames_before_the_gpu(tmp_path):
     """verify_group (CPU side of the GPU runtime) checks checksums AND frame structure: a chunk
     whose checksum was recomputed but whose frame declares another size never reaches nvCOMP."""

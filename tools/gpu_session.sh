@@ -9,7 +9,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 what=$1; shift
 case "$what" in
-  tests) CODECLLM_SOAK_REPORT=$OUT/soak python3 -m pytest -q -m gpu -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+  tests) CODECLLM_SOAK_REPORT=$OUT/soak python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TEST_WORKERS:+-n $GPU_TEST_WORKERS} "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
   kernels) python3 tools/bench_kernels.py --json "$OUT/bench_kernels.json" "$@" 2>&1 | tee "$OUT/bench_kernels.log" | tail -70 ;;
   bench) shape=$1; shift; python3 tools/bench_generate.py --shape "$shape" --json "$OUT/bench_$shape.json" "$@" 2>&1 | tee "$OUT/bench_$shape.log" | tail -40 ;;
 esac

@@ -43,6 +43,8 @@ READ_SLICE = 4 * 1024 * 1024
 """Disk tier: a group is copied out of the page cache in slices of this size ..."""
 READ_THREADS = min(4, os.cpu_count() or 1)
 """... by this many threads at once."""
+TRANSCODE_CHUNK_BYTES = 0
+"""Default `chunk_bytes` of GpuProvider (0: in-memory copies keep the file's chunks)."""
 
 
 @dataclass
@@ -111,6 +113,10 @@ class GpuProvider:
             are transcoded once at load (round trip checked). The disk tier always reads the
             file's codec. A file with ANS groups needs f.trust_gpu_codecs (TrustRequired), and
             refuses codec="zstd" (CllmError: an in-memory zstd copy would only decode slower).
+        chunk_bytes: in-memory copies of the host and gpu-compressed tiers merge the file's chunks
+            into chunks of up to this many bytes (0: keep the file's). nvCOMP's decode call costs
+            host time per chunk, so fewer chunks shorten the per-group call; a group whose chunks
+            already are the in-memory codec is then re-encoded once at load.
         read_ahead: disk tier: groups read ahead from the file into pinned memory by a
             worker thread (read_ahead + 1 pinned buffers of the largest group).
         verbose: print the residency plan (it is always logged at INFO).
@@ -138,6 +144,7 @@ class GpuProvider:
         read_ahead: int = 2,
         groups: set[int] | None = None,
         planes: set[str] | None = None,
+        chunk_bytes: int | None = None,
     ):
         if not torch.cuda.is_available():
             raise DeviceError('device="cuda" but CUDA is not available (no GPU, or a CPU-only PyTorch build)')
@@ -156,6 +163,9 @@ class GpuProvider:
         if read_ahead < 1:
             raise CllmError(f"read_ahead must be at least 1, got {read_ahead}")
         self.read_ahead = read_ahead
+        self.chunk_bytes = TRANSCODE_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+        if self.chunk_bytes and not C.MIN_CHUNK_SIZE <= self.chunk_bytes <= C.MAX_CHUNK_SIZE:
+            raise CllmError(f"chunk_bytes must be 0 or in [{C.MIN_CHUNK_SIZE}, {C.MAX_CHUNK_SIZE}], got {self.chunk_bytes}")
         if cpu_fallback is None:
             from .provider import CpuProvider  # noqa: PLC0415
 
@@ -252,7 +262,8 @@ class GpuProvider:
         scratch = None
         for g, tier in tiers.items():
             lay = self.layouts[g]
-            transcode = self.codec != lay.codec  # the file's codec (zstd, or ANS) is used as it is
+            # the file's codec (zstd, or ANS) is used as it is, unless chunks are to be merged
+            transcode = self.codec != lay.codec or (bool(self.chunk_bytes) and tier != "gpu")
             if tier == "disk":
                 continue
             if tier == "host" and not transcode:
@@ -282,7 +293,7 @@ class GpuProvider:
             check = scratch[lay.decoded_bytes : 2 * lay.decoded_bytes]
             self._decode_now(g, compressed, decoded)
             del compressed
-            packed, enc = self.decoder.encode_packed(self.codec, lay, decoded)
+            packed, enc = self.decoder.encode_packed(self.codec, lay, decoded, self.chunk_bytes)
             self._decode_now(g, packed, check, enc)
             if not torch.equal(decoded, check):
                 raise DecodeError(f"group {lay.name!r}: {self.codec} transcoding did not round-trip; use codec='zstd'")
@@ -513,7 +524,11 @@ class GpuProvider:
     def embedding_rows(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.file.index.aliases.get(name, name)
         gid = self._tensor_group.get(name)
-        if gid is not None and self.plan.tiers[gid] == "gpu":
+        # Rows on the GPU from the decoded table: resident (gpu tier), or the group decoded into
+        # a slot like any streamed group where the file stores it as ANS (the CPU cannot decode
+        # ANS: its fallback would run nvCOMP once per call, outside the pipeline). Rows of a zstd
+        # table in a streaming tier are decoded on the CPU, only the chunks that hold them.
+        if gid is not None and (self.plan.tiers[gid] == "gpu" or self.layouts[gid].codec == "ans"):
             q, s = self.linear_weight(name)
             flat = ids.reshape(-1).to(self.device)
             return q.index_select(0, flat), s.index_select(0, flat)

@@ -103,6 +103,38 @@ class EncodedGroup:
     length: int
     in_offsets: np.ndarray
     in_sizes: np.ndarray
+    out_offsets: np.ndarray | None = None
+    """Where each chunk decodes to in the slot, when the chunks are not the file's (an in-memory
+    copy with merged chunks, see merge_chunks); None: the layout's out_offsets."""
+    out_sizes: np.ndarray | None = None
+    chunk_bytes: int = 0
+    """The merge limit the chunks were built with (0: the file's chunking)."""
+
+    def outputs(self, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray]:
+        """(out_offsets, out_sizes) of this encoding's chunks."""
+        if self.out_offsets is None:
+            return layout.out_offsets, layout.out_sizes
+        return self.out_offsets, self.out_sizes
+
+
+def merge_chunks(offsets: np.ndarray, sizes: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded chunk places merged into fewer, larger ones: consecutive chunks whose outputs
+    touch (the next starts where one ends) join while the merged size stays <= `limit`. The
+    merged chunks cover exactly the same bytes, so decoding them fills a slot identically.
+
+    Args:
+        offsets, sizes: decoded chunk offsets and sizes (a GroupLayout's out_offsets/out_sizes).
+        limit: the largest merged chunk, in bytes (a chunk already larger stays as it is).
+    """
+    out_o: list[int] = []
+    out_s: list[int] = []
+    for o, n in zip(offsets.tolist(), sizes.tolist()):
+        if out_o and out_o[-1] + out_s[-1] == o and out_s[-1] + n <= limit:
+            out_s[-1] += n
+        else:
+            out_o.append(o)
+            out_s.append(n)
+    return np.asarray(out_o, dtype=np.int64), np.asarray(out_s, dtype=np.int64)
 
 
 def file_encoding(layout: GroupLayout) -> EncodedGroup:
@@ -161,8 +193,9 @@ class GroupDecoder:
         if b is None:
             nv = self.nvcomp
             s = self.stream.cuda_stream
+            out_offsets, out_sizes = enc.outputs(layout)
             srcs = nv.as_arrays(src, enc.in_offsets.tolist(), enc.in_sizes.tolist(), s)
-            outs = nv.as_arrays(out, layout.out_offsets.tolist(), layout.out_sizes.tolist(), s)
+            outs = nv.as_arrays(out, out_offsets.tolist(), out_sizes.tolist(), s)
             b = (srcs, outs, src, out)  # keep the tensors alive as long as the batch
             self._batches[key] = b
         return b
@@ -173,7 +206,7 @@ class GroupDecoder:
         events; nothing here synchronizes the host after the first call per group."""
         srcs, outs, _, _ = self._batch(enc, layout, src, out)
         codec = self.codec(enc.codec)
-        key = (enc.codec, layout.shape_key)
+        key = (enc.codec, layout.shape_key, enc.chunk_bytes)
         cfg = self._configs.get(key)
         if cfg is None:
             # Parses the chunk headers once (this one synchronizes). A config holds device
@@ -183,19 +216,25 @@ class GroupDecoder:
             self._configs[key] = cfg
         codec.decode(srcs, out=outs, decompression_config=cfg)
 
-    def encode_packed(self, codec_name: str, layout: GroupLayout, decoded: torch.Tensor) -> tuple[torch.Tensor, EncodedGroup]:
+    def encode_packed(self, codec_name: str, layout: GroupLayout, decoded: torch.Tensor,
+                      chunk_bytes: int = 0) -> tuple[torch.Tensor, EncodedGroup]:
         """Compress a decoded group (`decoded`, as laid out by `layout`) chunk by chunk with
         `codec_name` on the GPU and pack the chunks into one contiguous device buffer
-        (16-byte aligned entries). Synchronizes (sizes are read back): a load-time step."""
+        (16-byte aligned entries). `chunk_bytes` > 0: merge the file's chunks up to that size
+        first (merge_chunks; fewer chunks cost less host time per decode call). Synchronizes
+        (sizes are read back): a load-time step."""
         nv = self.nvcomp
         codec = self.codec(codec_name)
         s = self.stream.cuda_stream
-        n = len(layout.out_sizes)
-        probe = torch.empty(int(layout.out_sizes.max()), dtype=torch.uint8, device=self.device)
+        out_offsets, out_sizes = layout.out_offsets, layout.out_sizes
+        if chunk_bytes:
+            out_offsets, out_sizes = merge_chunks(out_offsets, out_sizes, chunk_bytes)
+        n = len(out_sizes)
+        probe = torch.empty(int(out_sizes.max()), dtype=torch.uint8, device=self.device)
         stride = -(-codec.get_max_comp_buffer_size(nv.as_array(probe, s)) // PACK_ALIGNMENT) * PACK_ALIGNMENT
         del probe
         strided = torch.empty(n * stride, dtype=torch.uint8, device=self.device)
-        srcs = nv.as_arrays(decoded, layout.out_offsets.tolist(), layout.out_sizes.tolist(), s)
+        srcs = nv.as_arrays(decoded, out_offsets.tolist(), out_sizes.tolist(), s)
         outs = nv.as_arrays(strided, [i * stride for i in range(n)], [stride] * n, s)
         result = codec.encode(srcs, out=outs)
         sizes = np.asarray(result.buffer_sizes, dtype=np.int64)
@@ -208,7 +247,9 @@ class GroupDecoder:
             packed = strided.view(n, stride)[mask]
         self.stream.synchronize()
         del result, srcs, outs, strided
-        return packed, EncodedGroup(layout.gid, codec_name, total, offsets, sizes)
+        if not chunk_bytes:
+            return packed, EncodedGroup(layout.gid, codec_name, total, offsets, sizes)
+        return packed, EncodedGroup(layout.gid, codec_name, total, offsets, sizes, out_offsets, out_sizes, chunk_bytes)
 
     def max_compressed_size(self, codec_name: str, raw_size: int) -> int:
         """nvCOMP's bound on the compressed size of one chunk of `raw_size` bytes (a stored chunk

@@ -1,0 +1,205 @@
+"""Where a decode step's host time goes: bf16 transformers against cllm tiers, same process.
+
+For a model shape of tools/bench_generate.py (random weights, built on the GPU), this
+
+  1. times greedy generation with the variants interleaved (A B C A B C ...), so that drift in
+     the machine's speed between runs hits every variant alike; median tok/s and the median of
+     the per-round ratios to bf16;
+  2. counts what one decoded token launches (torch.profiler: CUDA kernel launches, memcpys,
+     CUDA API calls, per token);
+  3. profiles the host side of one generation with cProfile and prints the functions with the
+     most own time (tottime), per token.
+
+Eager HF decoding at batch 1 is bound by host time (Python + launches), not by the GPU, for
+every shape up to 7B on an H100/H200: this says which calls cost it.
+
+    python tools/profile_decode.py --shape tinyllama --tiers gpu,host --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("CODECLLM_NVCOMP_TORCH_ALLOCATOR", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import codecllm_format as cf  # noqa: E402
+from bench_generate import SHAPES, build_reference, hf_generate, write_cllm  # noqa: E402
+
+
+def _time_one(generate, prompt, n) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = generate(prompt, n)
+    end.record()
+    end.synchronize()
+    return (out.shape[-1] - prompt.shape[-1]) / (start.elapsed_time(end) / 1000)
+
+
+def interleaved(variants: dict, prompt, n: int, rounds: int) -> dict:
+    """Median tok/s per variant and median per-round ratio to the first variant."""
+    for gen in variants.values():
+        gen(prompt, 4)  # warm-up (compiles, autotunes, builds launch plans)
+        gen(prompt, n)
+    runs = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, gen in variants.items():
+            runs[k].append(_time_one(gen, prompt, n))
+    first = next(iter(variants))
+    return {k: {"tok_s": statistics.median(v), "runs": v,
+                "ratio_to_first": statistics.median(a / b for a, b in zip(v, runs[first]))} for k, v in runs.items()}
+
+
+def launch_counts(generate, prompt, n: int) -> dict:
+    """Per generated token: kernel launches, memcpy/memset calls, all CUDA runtime/driver calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generate(prompt, 2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(prompt, n)
+        torch.cuda.synchronize()
+    kernels = memcpy = api = 0
+    names: dict[str, int] = {}
+    for e in prof.events():
+        dev_type = str(getattr(e, "device_type", ""))
+        if "CUDA" in dev_type:
+            if "Memcpy" in e.name or "Memset" in e.name:
+                memcpy += 1
+            else:
+                kernels += 1
+                names[e.name[:60]] = names.get(e.name[:60], 0) + 1
+        elif e.name.startswith(("cuda", "cu")) and not e.name.startswith("cudnn"):
+            api += 1
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernels_per_token": kernels / n, "memcpy_per_token": memcpy / n, "cuda_api_per_token": api / n,
+            "top_kernels_per_token": {k: v / n for k, v in top}}
+
+
+def host_profile(generate, prompt, n: int, top: int) -> str:
+    generate(prompt, 2)
+    pr = cProfile.Profile()
+    pr.enable()
+    generate(prompt, n)
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    st = pstats.Stats(pr, stream=s)
+    st.sort_stats("tottime").print_stats(top)
+    return f"(cProfile of {n} tokens; divide times by {n} for per-token)\n" + s.getvalue()
+
+
+def probe_decode_blocking(provider, repeats: int = 15) -> dict:
+    """Host time of one nvCOMP group decode call (GroupDecoder.decode) on a host-tier provider:
+    with idle streams, and while the decode stream waits on a pending host->GPU copy of the
+    group. If the second is about the copy's duration, nvCOMP blocks the calling thread until the
+    stream's earlier work is done (then the prefetch stalls the thread that launches compute)."""
+    import statistics as st
+
+    p = provider
+    gid = next(g for g, t in p.plan.tiers.items() if t == "host" and len(p.layouts[g].tensors) > 3)
+    enc, lay, slot = p.encoded[gid], p.layouts[gid], p.slots[0]
+    src, host = slot.staging[: enc.length], p.host_store[gid]
+    src.copy_(host)
+    torch.cuda.synchronize()
+    idle, pending, copy_ms = [], [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        p.decoder.decode(enc, lay, src, slot.out)
+        idle.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(p.copy_stream):
+            a.record()
+            src.copy_(host, non_blocking=True)
+            b.record()
+        p.decode_stream.wait_event(b)
+        t0 = time.perf_counter()
+        p.decoder.decode(enc, lay, src, slot.out)
+        pending.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        copy_ms.append(a.elapsed_time(b) * 1e3)
+    r = {"group_bytes": enc.length, "decode_call_us_idle": st.median(idle), "decode_call_us_copy_pending": st.median(pending),
+         "copy_us": st.median(copy_ms)}
+    print(f"  nvCOMP decode call, host time: idle streams {r['decode_call_us_idle']:.0f} us; with a pending "
+          f"{enc.length / 1e6:.1f} MB copy ({r['copy_us']:.0f} us) before it {r['decode_call_us_copy_pending']:.0f} us")
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--tiers", default="gpu,host")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--top", type=int, default=30, help="functions shown per cProfile")
+    ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd", help="codec of the int8 weights in the file")
+    ap.add_argument("--no-profile", action="store_true", help="timing only")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", default=None, help="folder for the cProfile texts")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, SHAPES[args.shape]["vocab_size"], (1, 16), generator=g).cuda()
+    work = Path(tempfile.mkdtemp(prefix="cllm-prof-"))
+    path = work / f"{args.shape}.cllm"
+    model = build_reference(args.shape, "cuda")
+    write_cllm(model, path, os.cpu_count(), args.file_codec)
+    variants = {"bf16": hf_generate(model)}
+    loaded = []
+    for tier in [t for t in args.tiers.split(",") if t]:
+        m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False,
+                    trust_gpu_codecs=args.file_codec == "ans")  # our own file
+        loaded.append(m)
+        variants[f"cllm-{tier}"] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
+                                                                       do_sample=False))(m)
+    results = {"shape": args.shape, "file_codec": args.file_codec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "timing": interleaved(variants, prompt, args.new_tokens, args.rounds)}
+    print(f"{args.shape} on {results['device']}, interleaved x{args.rounds}, {args.new_tokens} new tokens")
+    for k, r in results["timing"].items():
+        print(f"  {k:<20} {r['tok_s']:8.2f} tok/s  ratio to bf16 (median of rounds) {r['ratio_to_first']:.3f}  "
+              f"runs {', '.join(f'{x:.1f}' for x in r['runs'])}")
+    host = [m for m in loaded if "host" in m.provider.plan.tiers.values()]
+    if host:
+        results["decode_blocking"] = probe_decode_blocking(host[0].provider)
+    if not args.no_profile:
+        results["launches"] = {}
+        for k, gen in variants.items():
+            c = results["launches"][k] = launch_counts(gen, prompt, 16)
+            print(f"  {k:<20} per token: {c['kernels_per_token']:.0f} kernels, {c['memcpy_per_token']:.1f} memcpy/set, "
+                  f"{c['cuda_api_per_token']:.0f} CUDA API calls")
+            for name, v in c["top_kernels_per_token"].items():
+                print(f"      {v:6.1f}  {name}")
+        out = Path(args.out) if args.out else work
+        out.mkdir(parents=True, exist_ok=True)
+        for k, gen in variants.items():
+            text = host_profile(gen, prompt, 32, args.top)
+            (out / f"cprofile_{args.shape}_{args.file_codec}_{k}.txt").write_text(text)
+            print(f"\n==== {k} ====\n" + "\n".join(text.splitlines()[:args.top + 12]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    os._exit(rc)  # nvCOMP's teardown with torch's allocator can crash at exit (see bench_generate)
