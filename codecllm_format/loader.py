@@ -42,7 +42,7 @@ from . import constants as C
 from .errors import CodecUnavailable, DeviceError, LoadError, TrustRequired
 from .hub import resolve as resolve_path
 from .reader import CllmFile, open_cllm
-from .runtime.modules import CompressedEmbedding, CompressedFloatLinear, CompressedLinear
+from .runtime.modules import CompressedEmbedding, CompressedFloatLinear, CompressedLinear, FusedProjection
 from .runtime.provider import CpuProvider, WeightProvider
 
 TASKS = {
@@ -731,6 +731,9 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
         for parent, cname in parents[mid]:
             parent._modules[cname] = new
 
+    # 4b. sibling projections decoded back to back by the provider: one launch for all of them
+    _link_fusions(new_modules.values(), provider)
+
     # 5. buffers meta init left empty, and keys the model allows to be missing
     items = [(name, owner, leaf, "buffer") for name, owner, leaf in non_persistent]
     for s in to_initialize:
@@ -746,6 +749,35 @@ def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
 
     # 7. group hooks: begin_group / end_group around the module of each layer group
     return _hook_groups(model, groups, to_model, provider)
+
+
+def _link_fusions(modules, provider: WeightProvider) -> int:
+    """Link CompressedLinear siblings whose weights the provider decodes back to back
+    (provider.fusion_sets / fused_weight) into a FusedProjection. A set is skipped where a
+    member's weight serves several modules, a member keeps a non-"linear" layout, or only some
+    members have a bias. Returns how many sets were linked."""
+    if not hasattr(provider, "fusion_sets"):
+        return 0
+    by_source: dict[str, list[CompressedLinear]] = defaultdict(list)
+    for m in modules:
+        if isinstance(m, CompressedLinear):
+            by_source[m.name].append(m)
+    linked = 0
+    for names in provider.fusion_sets():
+        found = [by_source.get(n, []) for n in names]
+        if any(len(f) != 1 or f[0].layout != "linear" for f in found):
+            continue
+        members = [f[0] for f in found]
+        biases = [m.bias for m in members]
+        if all(b is None for b in biases):
+            bias = None
+        elif all(b is not None for b in biases) and len({(b.device, b.dtype) for b in biases}) == 1:
+            bias = torch.cat([b.detach() for b in biases])
+        else:
+            continue
+        FusedProjection(members, provider, bias)
+        linked += 1
+    return linked
 
 
 def _hook_groups(model, groups, to_model, provider: WeightProvider) -> list:

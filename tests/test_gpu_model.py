@@ -58,8 +58,11 @@ def test_every_tier_matches_the_cpu_path(tiny_llama):
                 first = got
             else:
                 assert torch.equal(got, first), f"tier {tier} differs from tier gpu"
+            fusions = {id(x.fusion): x.fusion for x in m.model.modules() if getattr(x, "fusion", None) is not None}
+            calls = sum(f.calls for f in fusions.values())
             tokens = m.generate(ids[:1].cuda(), max_new_tokens=24, do_sample=False).cpu()
             assert torch.equal(tokens, ref_tokens), tier
+            assert fusions and sum(f.calls for f in fusions.values()) > calls, "decode steps were not fused"
 
 
 @pytest.mark.parametrize("tier", ["host", "gpu-compressed"])

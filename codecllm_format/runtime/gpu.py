@@ -32,7 +32,7 @@ from .. import constants as C
 from ..reader import CllmFile
 from ..writer import DTYPE_TO_TORCH
 from .disk import GroupReader
-from .layout import GroupLayout, build_layouts
+from .layout import GroupLayout, build_layouts, slice_views
 from .planes import interleave_planes
 from .nvcomp_decoder import EncodedGroup, GroupDecoder, file_encoding, import_nvcomp
 from .plan import STAGED_TIERS, ResidencyPlan, plan_residency
@@ -488,6 +488,29 @@ class GpuProvider:
             views = self._slot_views[(name, slot.index)] = self._views(buf, sl)
         return views
 
+    def fusion_sets(self) -> list[tuple[str, ...]]:
+        """Sibling weights decoded back to back (see layout.FusedSlice), by member names: the
+        loader links their modules so that one launch computes all of them (runtime/modules.py)."""
+        return [members for lay in self.layouts.values() for members in lay.fused]
+
+    def fused_weight(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 rows of every member, back to back ([sum of rows, cols]), and their scales:
+        views of the group's decoded buffer, valid like linear_weight's."""
+        hit = self._resident_views.get(members)
+        if hit is not None:
+            return hit
+        gid = self._tensor_group[members[0]]
+        fs = self.layouts[gid].fused[members]
+        if self.plan.tiers[gid] == "gpu":
+            views = self._resident_views[members] = self._views(self.resident[gid], fs)
+            return views
+        buf = self._group_buffer(gid)
+        slot = self._active[gid]
+        views = self._slot_views.get((members, slot.index))
+        if views is None:
+            views = self._slot_views[(members, slot.index)] = self._views(buf, fs)
+        return views
+
     def float_weight(self, name: str) -> torch.Tensor:
         """A lossless (float_planes) weight for one forward, bit-exact: its planes are decoded
         with the group (nvCOMP, in the slot; resident in the gpu tier) and re-interleaved here
@@ -510,16 +533,7 @@ class GpuProvider:
         self.stats["float_calls"] += 1
         return out.view(ps.shape)
 
-    @staticmethod
-    def _views(buf: torch.Tensor, sl) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = sl.shape
-        q = buf[sl.q_offset : sl.q_offset + rows * cols].view(torch.int8).view(rows, cols)
-        if sl.scale_groups:  # int8_group: bfloat16 [rows, groups]
-            n = rows * sl.scale_groups
-            s = buf[sl.scale_offset : sl.scale_offset + n * 2].view(torch.bfloat16).view(rows, sl.scale_groups)
-        else:
-            s = buf[sl.scale_offset : sl.scale_offset + rows * 4].view(torch.float32)
-        return q, s
+    _views = staticmethod(slice_views)
 
     def embedding_rows(self, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.file.index.aliases.get(name, name)

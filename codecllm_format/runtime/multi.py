@@ -294,7 +294,7 @@ class MultiDeviceProvider:
         self._by_group = {g: self.providers[d] for g, d in placement.group_positions.items()}
         self._by_name: dict[str, Any] = {}
         for t in cllm.index.tensors:
-            if t.encoding == C.Encoding.INT8_ROW and t.group in self._by_group:
+            if t.encoding in (C.Encoding.INT8_ROW, C.Encoding.INT8_GROUP) and t.group in self._by_group:
                 self._by_name[t.name] = self._by_group[t.group]
         for alias, target in cllm.index.aliases.items():
             if target in self._by_name:
@@ -324,6 +324,16 @@ class MultiDeviceProvider:
             return p.linear_weight(name)
         with torch.cuda.device(p.device):
             return p.linear_weight(name)
+
+    def fusion_sets(self) -> list[tuple[str, ...]]:
+        return [m for p in self.providers if hasattr(p, "fusion_sets") for m in p.fusion_sets()]
+
+    def fused_weight(self, members: tuple[str, ...]):
+        p = self._owner(members[0])
+        if self._current_ok(p):
+            return p.fused_weight(members)
+        with torch.cuda.device(p.device):
+            return p.fused_weight(members)
 
     def embedding_rows(self, name: str, ids: torch.Tensor):
         p = self._owner(name)
