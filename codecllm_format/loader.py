@@ -584,6 +584,28 @@ def _float_linear_sources(model, cllm: CllmFile) -> set[str]:
     return out
 
 
+def _embedding_only_sources(model, cllm: CllmFile) -> set[str]:
+    """Stored names of the int8 tables `_bind` makes CompressedEmbedding modules of and that no
+    other module uses (not tied to an output head): a GPU provider serves their rows without
+    streaming the whole table each forward."""
+    slots, _ = _model_slots(model)
+    file_keys = set(cllm.keys())
+    to_file, _ = _prefix_mapping(model, slots.keys(), file_keys)
+    uses = defaultdict(int)
+    for s in slots.values():
+        uses[id(s.tensor)] += 1
+    out = set()
+    for mname, mod in model.named_modules():
+        s = slots.get(f"{mname}.weight" if mname else "weight")
+        if s is None or _replaceable(mod) != "embedding" or uses[id(s.tensor)] > 1:
+            continue
+        fname = to_file(s.name)
+        if fname in file_keys and cllm.entry(fname).encoding in INT8_ENCODINGS:
+            out.add(cllm.entry(fname).name)
+    aliased = {t for a, t in cllm.index.aliases.items()}  # a table also stored under another name may be a head's
+    return out - aliased
+
+
 def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,
           place: Callable[[str], torch.device] | None = None) -> list:
     """Swap int8 layers for compressed modules, load raw tensors, re-create buffers, hook
@@ -928,6 +950,8 @@ def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | N
             # (a multi-GPU split loads lossless weights as parameters: MultiDeviceProvider has no float_weight)
             single = devices is None or len(devices) == 1
             runtime_options["planes"] = _float_linear_sources(model, cllm) if single else set()
+        if getattr(provider_cls, "streams_planes", False) and "embeddings" not in runtime_options:
+            runtime_options["embeddings"] = _embedding_only_sources(model, cllm)
         if devices is None:
             provider = provider_cls(cllm, device=dev, **runtime_options)
             hooks = _bind(model, cllm, provider, dev)

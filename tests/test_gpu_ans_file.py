@@ -115,13 +115,16 @@ def test_every_tier_gives_the_zstd_files_logits(files):
     for tier in TIERS:
         with cf.load(files["zstd"], device="cuda", dtype=torch.float32, residency=tier, tokenizer=False) as z:
             ref = _logits(z, ids)
+            tables = z.provider.row_lookup_tables
         with cf.load(files["ans"], device="cuda", dtype=torch.float32, residency=tier, tokenizer=False,
                      trust_gpu_codecs=True) as a:
             enc = {g: e.codec for g, e in a.provider.encoded.items()}
             assert set(enc.values()) == {"ans"}, enc  # used as stored: no transcoding
             got = _logits(a, ids)
-            # embedding rows come from the table decoded on the GPU, never the CPU fallback
+            # embedding rows come from the table decoded on the GPU (resident, or once at load into
+            # host memory), never from the CPU fallback, which would run nvCOMP per call
             assert a.provider.cpu_fallback.stats["embedding_calls"] == 0, tier
+            assert a.provider.row_lookup_tables == tables, tier
         assert torch.equal(got, ref), tier
 
 

@@ -58,6 +58,8 @@ def test_every_tier_matches_the_cpu_path(tiny_llama):
                 first = got
             else:
                 assert torch.equal(got, first), f"tier {tier} differs from tier gpu"
+            # the embedding table (not tied) is looked up by rows, never streamed, outside the gpu tier
+            assert m.provider.row_lookup_tables == ([] if tier == "gpu" else ["model.embed_tokens.weight"]), tier
             fusions = {id(x.fusion): x.fusion for x in m.model.modules() if getattr(x, "fusion", None) is not None}
             calls = sum(f.calls for f in fusions.values())
             tokens = m.generate(ids[:1].cuda(), max_new_tokens=24, do_sample=False).cpu()

@@ -7,8 +7,12 @@ GroupDecoder.encode_packed), then for each:
 
   host us    time the decode call takes on the calling thread (streams idle), median
   gpu us     time the decode takes on the GPU (CUDA events), median; GB/s of decoded output
-  graph      the decode captured in a torch.cuda.CUDAGraph on the decoder's stream: whether the
-             capture worked, whether a replay gives the same bytes, and the replay's host us
+  gil        with --gil: how much a Python loop on the main thread slows down while another
+             thread issues decode calls back to back (near 0%: nvCOMP releases the GIL, so a
+             decode thread would take the call off the thread that launches compute)
+  graph      with --graph: the decode captured in a torch.cuda.CUDAGraph on the decoder's
+             stream (whether capture works; nvCOMP 6.0 on an H200: it does not, and a failed
+             capture leaves the device unusable for the rest of the process, so it runs last)
 
 Every decode is checked bit for bit against the source bytes.
 
@@ -43,6 +47,34 @@ def synthetic_layout(nbytes: int, chunk: int) -> GroupLayout:
                        decoded_bytes=nbytes, tensors={}, shape_key=("probe", n, nbytes))
 
 
+def gil_slowdown(dec, enc, layout, packed, out, seconds: float = 0.5) -> float:
+    """Fraction by which a pure-Python loop on this thread slows down while another thread
+    issues decode calls back to back."""
+    import threading
+
+    def spin(stop_at):
+        n = 0
+        while time.perf_counter() < stop_at:
+            n += 1
+        return n
+
+    base = spin(time.perf_counter() + seconds)
+    stop = threading.Event()
+
+    def worker():
+        with torch.cuda.stream(dec.stream):
+            while not stop.is_set():
+                dec.decode(enc, layout, packed, out)
+                dec.stream.synchronize()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    loaded = spin(time.perf_counter() + seconds)
+    stop.set()
+    t.join()
+    return 1 - loaded / base
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -50,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mib", type=float, default=42.0, help="decoded group size (default 42: a TinyLlama block)")
     ap.add_argument("--chunks", default="65536,262144,1048576,4194304", help="merged chunk sizes to try (bytes)")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--gil", action="store_true", help="measure whether decode calls hold the GIL")
+    ap.add_argument("--graph", action="store_true", help="try CUDA graph capture (last: a failure poisons the process)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -93,7 +127,15 @@ def main(argv=None) -> int:
         r["host_us"] = statistics.median(host[2:])
         r["gpu_us"] = statistics.median(gpu[2:])
         r["gbps"] = nbytes / (r["gpu_us"] * 1e-6) / 1e9
-        # CUDA graph capture of the same call (a replay would replace the host cost by a launch)
+        if args.gil:
+            r["gil_slowdown"] = gil_slowdown(dec, enc, layout, packed, out)
+        results["by_chunk"][chunk] = r
+        print(f"  chunk {chunk:>8}: {r['chunks']:5d} chunks, ratio {r['ratio']:.3f}, exact {r['exact']}, host "
+              f"{r['host_us']:.0f} us, GPU {r['gpu_us']:.0f} us ({r['gbps']:.0f} GB/s)"
+              + (f", main-thread slowdown while a thread decodes {100 * r['gil_slowdown']:.0f}%" if args.gil else ""), flush=True)
+        last = (packed, enc)
+    if args.graph:
+        packed, enc = last
         try:
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
@@ -107,15 +149,11 @@ def main(argv=None) -> int:
                 graph.replay()
                 reps.append((time.perf_counter() - t0) * 1e6)
                 torch.cuda.synchronize()
-            r["graph"] = {"captured": True, "exact": bool(torch.equal(out, data)), "replay_host_us": statistics.median(reps)}
-            del graph
+            results["graph"] = {"captured": True, "exact": bool(torch.equal(out, data)),
+                                "replay_host_us": statistics.median(reps)}
         except Exception as e:  # noqa: BLE001 - the point is to learn whether it works
-            r["graph"] = {"captured": False, "error": f"{type(e).__name__}: {e}"[:300]}
-            torch.cuda.synchronize()
-        results["by_chunk"][chunk] = r
-        print(f"  chunk {chunk:>8}: {r['chunks']:5d} chunks, ratio {r['ratio']:.3f}, exact {r['exact']}, host "
-              f"{r['host_us']:.0f} us, GPU {r['gpu_us']:.0f} us ({r['gbps']:.0f} GB/s), graph {r['graph']}", flush=True)
-        del packed
+            results["graph"] = {"captured": False, "error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"  CUDA graph capture of a decode: {results['graph']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--top", type=int, default=30, help="functions shown per cProfile")
+    ap.add_argument("--host-chunks", default=None, metavar="0,1048576",
+                    help="also load the host tier once per in-memory chunk size listed (chunk_bytes=; 0: the file's chunks)")
     ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd", help="codec of the int8 weights in the file")
     ap.add_argument("--no-profile", action="store_true", help="timing only")
     ap.add_argument("--json", default=None)
@@ -171,6 +173,12 @@ def main(argv=None) -> int:
         loaded.append(m)
         variants[f"cllm-{tier}"] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
                                                                        do_sample=False))(m)
+    for cb in [int(c) for c in (args.host_chunks or "").split(",") if c]:
+        m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency="host", tokenizer=False,
+                    trust_gpu_codecs=args.file_codec == "ans", chunk_bytes=cb)
+        loaded.append(m)
+        variants[f"cllm-host@{cb}"] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
+                                                                         do_sample=False))(m)
     results = {"shape": args.shape, "file_codec": args.file_codec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "timing": interleaved(variants, prompt, args.new_tokens, args.rounds)}
     print(f"{args.shape} on {results['device']}, interleaved x{args.rounds}, {args.new_tokens} new tokens")
