@@ -146,3 +146,71 @@ def test_clean_exit_after_gpu_decode(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_direct_decoder_tables_and_options_on_the_cpu():
+    """nvcomp_direct's pieces that need no GPU: the options structs are nvCOMP 6.0's 64 bytes,
+    the chunk table holds absolute addresses and sizes, and the module says why it is unusable
+    instead of failing where libnvcomp is absent."""
+    import ctypes
+
+    import numpy as np
+
+    from codecllm_format.runtime import nvcomp_direct as nd
+
+    assert ctypes.sizeof(nd.AnsDecompressOpts) == 64 and ctypes.sizeof(nd.ZstdDecompressOpts) == 64
+    t = nd.chunk_table(1000, [0, 16, 48], [10, 20, 30], 1 << 40, [0, 256, 512], [100, 200, 300])
+    assert t.dtype == np.int64 and t.shape == (4, 3)
+    assert t[0].tolist() == [1000, 1016, 1048] and t[1].tolist() == [10, 20, 30]
+    assert t[2].tolist() == [100, 200, 300] and t[3].tolist() == [(1 << 40) + o for o in (0, 256, 512)]
+    why = nd.direct_unavailable("ans")
+    assert why is None or isinstance(why, str)
+    assert nd.direct_unavailable("bitcomp") is not None or nd.direct_unavailable() is not None
+
+
+@needs_cuda
+@pytest.mark.parametrize("codec", ["zstd", "ans"])
+def test_direct_decode_equals_the_python_api(tmp_path, codec):
+    """Decodes through nvCOMP's C API (device chunk tables) give the Python API's bytes, and a
+    chunk that does not fit its output is reported by its status, at the table's first decode."""
+    from codecllm_format.errors import DecodeError
+    from codecllm_format.runtime import nvcomp_direct as nd
+    from codecllm_format.runtime.gpu import GpuProvider
+    from codecllm_format.runtime.nvcomp_decoder import GroupDecoder
+
+    assert nd.direct_unavailable(codec) is None, nd.direct_unavailable(codec)
+    path = tmp_path / "m.cllm"
+    _write(path)
+    with cf.open(path) as f:
+        p = GpuProvider(f, "cuda", residency="gpu-compressed", codec=codec)
+        dev = p.device
+        stream = torch.cuda.Stream(dev)
+        direct, python = GroupDecoder(dev, stream), GroupDecoder(dev, stream, direct=False)
+        for g, lay in p.layouts.items():
+            enc, src = p.encoded[g], p.dev_store[g]
+            a = torch.zeros(lay.decoded_bytes, dtype=torch.uint8, device=dev)
+            b = torch.full((lay.decoded_bytes,), 7, dtype=torch.uint8, device=dev)
+            for _ in range(2):  # the second decode reuses the tables without checking
+                direct.decode(enc, lay, src, a)
+                python.decode(enc, lay, src, b)
+            stream.synchronize()
+            mask = torch.zeros_like(a, dtype=torch.bool)
+            for o, n in zip(*[x.tolist() for x in enc.outputs(lay)]):
+                mask[o : o + n] = True
+            assert torch.equal(a[mask], b[mask]), lay.name
+        assert direct._direct[codec] is not None and direct._direct_batches
+        if codec != "ans":  # nvCOMP documents the overflow status for ANS only (zstd: undefined)
+            p.close()
+            return
+        # an output one byte short for the first chunk: its status reports it
+        g, lay = next(iter(p.layouts.items()))
+        enc = p.encoded[g]
+        out_offsets, out_sizes = enc.outputs(lay)
+        short = out_sizes.copy()
+        short[0] -= 1
+        d = nd.DirectDecoder(codec, dev, stream)
+        out = torch.empty(lay.decoded_bytes, dtype=torch.uint8, device=dev)
+        batch = d.prepare(p.dev_store[g], enc.in_offsets, enc.in_sizes, out, out_offsets, short)
+        with pytest.raises(DecodeError, match="chunk 0"):
+            d.decode(batch, where="test")
+        p.close()

@@ -4,7 +4,9 @@ One `decode()` = ONE batched nvCOMP call over every int8 chunk of a group: the g
 bytes sit in a device buffer (one host->GPU copy of one contiguous byte range), the chunks are
 carved out of it by an offset table (`nvcomp.as_arrays(buffer, offsets, sizes)`), and decode
 into a preallocated slot through a second offset table, with a DecompressConfig built once per
-group and reused, on a CUDA stream of ours. With CODECLLM_NVCOMP_TORCH_ALLOCATOR=1, nvCOMP's
+group and reused, on a CUDA stream of ours. ANS and Zstd decodes go through nvCOMP's C API
+instead where it loads (runtime/nvcomp_direct.py: the same offset tables, kept on the device,
+one C call per decode); encoding and the other codecs use the Python API. With CODECLLM_NVCOMP_TORCH_ALLOCATOR=1, nvCOMP's
 scratch memory comes from PyTorch's caching allocator, so torch.cuda memory statistics count it
 (the benchmark sets it); it is off by default because nvCOMP 6 then crashes at interpreter exit.
 """
@@ -150,10 +152,14 @@ class GroupDecoder:
     Args:
         device: the CUDA device.
         stream: the torch CUDA stream nvCOMP runs on.
+        direct: decode ANS and Zstd groups through nvCOMP's C API with device chunk tables built
+            once per group and buffers (runtime/nvcomp_direct.py; one C call per decode) where
+            it loads; False: always the Python API.
     """
 
-    def __init__(self, device: torch.device, stream: torch.cuda.Stream):
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream, direct: bool = True):
         self.nvcomp = import_nvcomp()
+        self.use_direct = direct
         if os.environ.get("CODECLLM_NVCOMP_TORCH_ALLOCATOR") == "1":
             install_torch_allocator(self.nvcomp)
         self.device = device
@@ -161,6 +167,8 @@ class GroupDecoder:
         self._codecs: dict[str, object] = {}
         self._configs: dict[tuple, object] = {}
         self._batches: dict[tuple, tuple] = {}
+        self._direct: dict[str, object] = {}  # codec -> DirectDecoder (None: the Python API)
+        self._direct_batches: dict[tuple, object] = {}
         _live_decoders.add(self)
 
     def close(self) -> None:
@@ -172,6 +180,22 @@ class GroupDecoder:
         self._batches.clear()
         self._configs.clear()
         self._codecs.clear()
+        self._direct_batches.clear()
+        self._direct.clear()
+
+    def _direct_decoder(self, codec: str):
+        """The C-API decoder of `codec` (runtime/nvcomp_direct.py), or None for the Python API."""
+        if codec not in self._direct:
+            from . import nvcomp_direct  # noqa: PLC0415
+
+            d = None
+            if self.use_direct and nvcomp_direct.direct_unavailable(codec) is None:
+                try:
+                    d = nvcomp_direct.DirectDecoder(codec, self.device, self.stream)
+                except Exception:  # noqa: BLE001 - the Python API stays in charge
+                    d = None
+            self._direct[codec] = d
+        return self._direct[codec]
 
     def codec(self, name: str):
         """The nvCOMP Codec for `name` ("zstd", "ans", ...), bound to our stream."""
@@ -204,6 +228,15 @@ class GroupDecoder:
         """Enqueue the decode of a group's chunks from `src` (uint8, `enc` laid out from offset 0)
         into `out` (uint8, >= layout.decoded_bytes) on self.stream. Callers order it with
         events; nothing here synchronizes the host after the first call per group."""
+        direct = self._direct_decoder(enc.codec)
+        if direct is not None:
+            key = (enc.gid, enc.codec, enc.chunk_bytes, enc.length, len(enc.in_sizes), src.data_ptr(), out.data_ptr())
+            b = self._direct_batches.get(key)
+            if b is None:
+                out_offsets, out_sizes = enc.outputs(layout)
+                b = self._direct_batches[key] = direct.prepare(src, enc.in_offsets, enc.in_sizes, out, out_offsets, out_sizes)
+            direct.decode(b, where=f"group {layout.name!r}")
+            return
         srcs, outs, _, _ = self._batch(enc, layout, src, out)
         codec = self.codec(enc.codec)
         key = (enc.codec, layout.shape_key, enc.chunk_bytes)
@@ -266,11 +299,15 @@ class GroupDecoder:
         self._batches = {k: v for k, v in self._batches.items() if k[1] != name}
         self._configs = {k: v for k, v in self._configs.items() if k[0] != name}
         self._codecs.pop(name, None)
+        self._direct_batches = {k: v for k, v in self._direct_batches.items() if k[1] != name}
+        self._direct.pop(name, None)
 
     def forget(self, src: torch.Tensor | None = None) -> None:
         """Drop cached batches (all, or those over `src`)."""
         if src is None:
             self._batches.clear()
+            self._direct_batches.clear()
         else:
             p = src.data_ptr()
             self._batches = {k: v for k, v in self._batches.items() if k[2] != p}
+            self._direct_batches = {k: v for k, v in self._direct_batches.items() if k[5] != p}
