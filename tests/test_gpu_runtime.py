@@ -214,3 +214,32 @@ def test_direct_decode_equals_the_python_api(tmp_path, codec):
         with pytest.raises(DecodeError, match="chunk 0"):
             d.decode(batch, where="test")
         p.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("tier", TIERS)
+def test_vram_after_load_and_a_pass_stays_at_the_plan(tmp_path, tier):
+    """What a provider holds on the GPU once loaded and once every group was used is its plan's
+    weight memory, plus little (decode tables, ANS scratch): codecs used only at load, such as
+    the zstd decoder that fills the gpu tier, release their scratch."""
+    from codecllm_format.runtime.gpu import GpuProvider
+
+    path = tmp_path / "m.cllm"
+    _write(path, layers=3, rows=768, cols=1024)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    with cf.open(path) as f:
+        p = GpuProvider(f, "cuda", residency=tier)
+        loaded = torch.cuda.memory_allocated() - base
+        for gid in sorted(p.layouts):
+            p.begin_group(gid)
+            for name in p.layouts[gid].tensors:
+                p.linear_weight(name)
+            p.end_group(gid)
+        torch.cuda.synchronize()
+        used = torch.cuda.memory_allocated() - base
+        plan = p.plan.weight_vram
+        p.close()
+    assert loaded <= plan + (1 << 20), (tier, loaded, plan)
+    assert used <= plan + (16 << 20), (tier, used, plan)

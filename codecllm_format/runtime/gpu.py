@@ -368,7 +368,7 @@ class GpuProvider:
         # Codecs used only at load (zstd for transcoding or the gpu tier) hold device scratch:
         # release those no streamed group decodes at run time.
         needed = {self.encoded[g].codec for g, t in tiers.items() if t != "gpu"}
-        for name in list(self.decoder._codecs):
+        for name in self.decoder.codecs_in_use():
             if name not in needed:
                 self.decoder.release_codec(name)
         torch.cuda.synchronize(dev)

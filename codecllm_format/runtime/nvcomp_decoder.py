@@ -292,6 +292,10 @@ class GroupDecoder:
         del probe
         return size
 
+    def codecs_in_use(self) -> list[str]:
+        """Codecs holding nvCOMP state here (a Python-API Codec, a C-API decoder or both)."""
+        return sorted(set(self._codecs) | set(self._direct))
+
     def release_codec(self, name: str) -> None:
         """Drop the nvCOMP Codec `name` with its decompression configs and cached batches
         (their device scratch goes with them); it is re-created on next use."""
