@@ -292,6 +292,12 @@ class GroupDecoder:
         del probe
         return size
 
+    @property
+    def scratch_bytes(self) -> int:
+        """Device scratch the C-API decoders hold now (nvCOMP's temporary memory: small for ANS,
+        a few times the largest group for Zstd, which only the disk tier decodes per forward)."""
+        return sum(d._temp.numel() for d in self._direct.values() if d is not None)
+
     def codecs_in_use(self) -> list[str]:
         """Codecs holding nvCOMP state here (a Python-API Codec, a C-API decoder or both)."""
         return sorted(set(self._codecs) | set(self._direct))
