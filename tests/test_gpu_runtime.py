@@ -220,8 +220,9 @@ def test_direct_decode_equals_the_python_api(tmp_path, codec):
 @pytest.mark.parametrize("tier", TIERS)
 def test_vram_after_load_and_a_pass_stays_at_the_plan(tmp_path, tier):
     """What a provider holds on the GPU once loaded and once every group was used is its plan's
-    weight memory, plus little (decode tables, ANS scratch): codecs used only at load, such as
-    the zstd decoder that fills the gpu tier, release their scratch."""
+    weight memory (nvCOMP's decode scratch of the streaming tier included: large for the disk
+    tier's zstd), plus little (decode tables): codecs used only at load, such as the zstd decoder
+    that fills the gpu tier, release their scratch."""
     from codecllm_format.runtime.gpu import GpuProvider
 
     path = tmp_path / "m.cllm"
@@ -240,6 +241,11 @@ def test_vram_after_load_and_a_pass_stays_at_the_plan(tmp_path, tier):
         torch.cuda.synchronize()
         used = torch.cuda.memory_allocated() - base
         plan = p.plan.weight_vram
+        scratch = p.decoder.scratch_bytes  # nvCOMP's temporary memory, counted in the plan
+        planned_scratch = p.plan.decode_scratch_bytes
         p.close()
     assert loaded <= plan + (1 << 20), (tier, loaded, plan)
     assert used <= plan + (16 << 20), (tier, used, plan)
+    assert scratch <= planned_scratch + (1 << 20), (tier, scratch, planned_scratch)
+    if tier == "gpu":
+        assert planned_scratch == 0

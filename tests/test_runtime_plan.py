@@ -159,6 +159,28 @@ def test_gpu_gate_refuses_bad_frames_before_the_gpu(tmp_path):
             verify_group(f, lay, memoryview(flipped))
 
 
+def test_decode_scratch_counts_for_the_tiers_in_use():
+    """nvCOMP's scratch for per-forward decodes is part of weight_vram for the streaming tiers a
+    plan uses (the largest of them), and budgets include it; an all-gpu plan needs none."""
+    groups = _groups()
+    scratch = {"disk": 300 * MiB, "host": 2 * MiB, "gpu-compressed": 2 * MiB}
+    disk = plan_residency(groups, "disk", decode_scratch=scratch)
+    plain = plan_residency(groups, "disk")
+    assert disk.decode_scratch_bytes == 300 * MiB
+    assert disk.weight_vram == plain.weight_vram + 300 * MiB
+    assert "decode scratch 300.0 MiB" in disk.summary()
+    assert plan_residency(groups, "gpu", decode_scratch=scratch).decode_scratch_bytes == 0
+    assert plan_residency(groups, "host", decode_scratch=scratch).decode_scratch_bytes == 2 * MiB
+    with pytest.raises(CllmError, match="needs about"):
+        plan_residency(groups, "disk", max_vram=plain.weight_vram + plain.reserve_bytes + MiB,
+                       reserve=plain.reserve_bytes, decode_scratch=scratch)
+    auto = plan_residency(groups, "auto", max_vram="100GiB", decode_scratch=scratch)
+    assert set(auto.tiers.values()) == {"gpu"} and auto.decode_scratch_bytes == 0
+    tight = plan_residency(groups, "auto", max_vram="1GiB", reserve="100MiB", decode_scratch=scratch)
+    assert "host" in tight.tiers.values() and tight.decode_scratch_bytes == 2 * MiB
+    assert tight.weight_vram + tight.reserve_bytes <= 2**30
+
+
 def test_scratch_counts_toward_the_budget():
     """A provider's fixed scratch (the lossless re-interleave buffer) is part of weight_vram, so
     a budget that fits the plan without it can refuse it, and auto picks slower tiers."""

@@ -210,14 +210,15 @@ class GpuProvider:
         # Lossless (float_planes) weights are re-interleaved per use into one scratch buffer.
         self._float_bytes = max((ps.numel * DTYPE_TO_TORCH[ps.dtype].itemsize
                                  for lay in self.layouts.values() for ps in lay.planes.values()), default=0)
-        self.plan: ResidencyPlan = plan_residency(
-            [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve,
-            scratch_bytes=self._float_bytes,
-        )
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)
             self.decode_stream = torch.cuda.Stream(self.device)
             self.decoder = GroupDecoder(self.device, self.decode_stream)
+            self._decode_scratch = self._decode_scratch_by_tier()
+            self.plan: ResidencyPlan = plan_residency(
+                [lay.cost for lay in self.layouts.values()], residency, max_vram, slots=slots, reserve=reserve,
+                scratch_bytes=self._float_bytes, decode_scratch={t: n for t, (_, n) in self._decode_scratch.items()},
+            )
             self._check_ans_bounds()
             self._load()
             self._load_host_tables()
@@ -261,6 +262,21 @@ class GpuProvider:
                 if size > bounds[raw]:
                     raise DecodeError(f"group {lay.name!r} chunk {i} at offset {lay.file_offset + off}: {size} stored bytes "
                                       f"for {raw} raw bytes, over nvCOMP's ANS bound of {bounds[raw]}: not an ANS chunk")
+
+    def _decode_scratch_by_tier(self) -> dict[str, tuple[str, int]]:
+        """(codec, nvCOMP scratch bytes) each streaming tier decodes with every forward: the disk
+        tier the file's codec, the others the in-memory codec (estimated on the file's chunks)."""
+        shapes = [(len(lay.out_sizes), int(lay.out_sizes.max()), int(lay.out_sizes.sum()))
+                  for lay in self.layouts.values() if len(lay.out_sizes)]
+        codecs = {"disk": {lay.codec for lay in self.layouts.values()}, "host": {self.codec}, "gpu-compressed": {self.codec}}
+        out = {}
+        for tier, names in codecs.items():
+            for name in names:
+                if name in ("zstd", "ans"):
+                    n = self.decoder.scratch_estimate(name, shapes)
+                    if n > out.get(tier, ("", 0))[1]:
+                        out[tier] = (name, n)
+        return out
 
     def _load_host_tables(self) -> None:
         """Row-only tables stored as ANS (which the CPU cannot decode): decoded once here, on the
@@ -366,11 +382,15 @@ class GpuProvider:
         self.disk_reader = GroupReader(self._read_group_into, disk, buffers=self.read_ahead + 1) if disk else None
         self._copy_pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cllm-disk-copy") if disk else None
         # Codecs used only at load (zstd for transcoding or the gpu tier) hold device scratch:
-        # release those no streamed group decodes at run time.
+        # release those no streamed group decodes at run time; reserve the scratch of those that do.
         needed = {self.encoded[g].codec for g, t in tiers.items() if t != "gpu"}
         for name in self.decoder.codecs_in_use():
             if name not in needed:
                 self.decoder.release_codec(name)
+        for tier in {t for t in tiers.values() if t != "gpu"}:
+            codec, nbytes = self._decode_scratch.get(tier, ("", 0))
+            if codec in needed:
+                self.decoder.reserve_scratch(codec, nbytes)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
 

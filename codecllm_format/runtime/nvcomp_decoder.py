@@ -292,6 +292,21 @@ class GroupDecoder:
         del probe
         return size
 
+    def scratch_estimate(self, codec: str, shapes) -> int:
+        """nvCOMP temporary memory the C-API decoder of `codec` needs for the largest of `shapes`
+        ((num_chunks, max_chunk, total) of groups); 0 where decodes go through the Python API
+        (which allocates its own scratch, unseen here)."""
+        d = self._direct_decoder(codec)
+        if d is None:
+            return 0
+        return max((d.temp_bytes(n, m, t) for n, m, t in shapes), default=0)
+
+    def reserve_scratch(self, codec: str, nbytes: int) -> None:
+        """Allocate the C-API decoder's scratch for `codec` now (load time)."""
+        d = self._direct_decoder(codec)
+        if d is not None and nbytes:
+            d.reserve(nbytes)
+
     @property
     def scratch_bytes(self) -> int:
         """Device scratch the C-API decoders hold now (nvCOMP's temporary memory: small for ANS,

@@ -161,6 +161,21 @@ class DirectDecoder:
         self._opts = _default_opts(codec)
         self._temp = torch.empty(0, dtype=torch.uint8, device=device)
 
+    def temp_bytes(self, num_chunks: int, max_chunk: int, total: int) -> int:
+        """nvCOMP's temporary memory for decoding `num_chunks` chunks of at most `max_chunk` and
+        `total` decoded bytes (no work is enqueued)."""
+        temp = ctypes.c_size_t(0)
+        status = self._temp_size_fn(num_chunks, max_chunk, self._opts, ctypes.byref(temp), total, self.stream.cuda_stream)
+        if status != SUCCESS:
+            raise DecodeError(f"nvCOMP {self.codec}: temporary size query failed (status {status})")
+        return int(temp.value)
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the scratch to `nbytes` now (load time), so decodes never allocate it later."""
+        if nbytes > self._temp.numel():
+            self.stream.synchronize()  # decodes in flight may still use the old scratch
+            self._temp = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
     def prepare(self, src: torch.Tensor, in_offsets, in_sizes, out: torch.Tensor, out_offsets, out_sizes) -> DirectBatch:
         """Device tables for decoding the chunks at `in_offsets` of `src` into `out` (a host->device
         copy of the tables; nvCOMP's scratch grows to fit)."""
@@ -169,14 +184,7 @@ class DirectDecoder:
         table = torch.from_numpy(chunk_table(src.data_ptr(), in_offsets, in_sizes, out.data_ptr(), out_offsets, out_sizes))
         with torch.cuda.stream(self.stream):
             batch = DirectBatch(table.to(self.device, non_blocking=False), n, out_sizes, src, out)
-        temp = ctypes.c_size_t(0)
-        status = self._temp_size_fn(n, batch.max_out, self._opts, ctypes.byref(temp), batch.total_out,
-                                    self.stream.cuda_stream)
-        if status != SUCCESS:
-            raise DecodeError(f"nvCOMP {self.codec}: temporary size query failed (status {status})")
-        if temp.value > self._temp.numel():
-            self.stream.synchronize()  # decodes in flight may still use the old scratch
-            self._temp = torch.empty(temp.value, dtype=torch.uint8, device=self.device)
+        self.reserve(self.temp_bytes(n, batch.max_out, batch.total_out))
         return batch
 
     def decode(self, batch: DirectBatch, where: str = "") -> None:

@@ -47,11 +47,14 @@ class ResidencyPlan:
     names: dict[int, str] = field(default_factory=dict)
     scratch_bytes: int = 0
     """Fixed working buffers (the re-interleave buffer of lossless weights)."""
+    decode_scratch_bytes: int = 0
+    """nvCOMP's temporary memory for the decodes the chosen tiers run every forward."""
 
     @property
     def weight_vram(self) -> int:
-        """Expected VRAM for weights: residents, all slots and the fixed scratch."""
-        return self.resident_bytes + self.slots * (self.staging_bytes + self.slot_bytes) + self.scratch_bytes
+        """Expected VRAM for weights: residents, all slots, the fixed and the decode scratch."""
+        return (self.resident_bytes + self.slots * (self.staging_bytes + self.slot_bytes) + self.scratch_bytes
+                + self.decode_scratch_bytes)
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -64,6 +67,7 @@ class ResidencyPlan:
             f"  expected weight VRAM {self.weight_vram / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f} MiB"
             f" + {self.slots} slots x (staging {self.staging_bytes / mib:.1f} + decoded {self.slot_bytes / mib:.1f} MiB)"
             + (f" + scratch {self.scratch_bytes / mib:.1f} MiB" if self.scratch_bytes else "")
+            + (f" + decode scratch {self.decode_scratch_bytes / mib:.1f} MiB" if self.decode_scratch_bytes else "")
             + f"; reserved for KV cache/activations {self.reserve_bytes / mib:.1f} MiB",
         ]
         for gid, tier in self.tiers.items():
@@ -108,6 +112,7 @@ def plan_residency(
     slots: int = 2,
     reserve: int | str | None = None,
     scratch_bytes: int = 0,
+    decode_scratch: dict[str, int] | None = None,
 ) -> ResidencyPlan:
     """Choose a tier for every group.
 
@@ -120,6 +125,8 @@ def plan_residency(
             budget, at least 256 MiB).
         scratch_bytes: fixed working VRAM the provider allocates whatever the tiers (counted in
             weight_vram, so budgets include it).
+        decode_scratch: VRAM the decoder needs while a streaming tier decodes, by tier (e.g.
+            nvCOMP's zstd scratch for "disk"); a plan counts the largest among the tiers it uses.
 
     Raises:
         CllmError: unknown tier, or the budget cannot hold even the streaming slots.
@@ -139,8 +146,10 @@ def plan_residency(
     def make(tiers: dict[int, str]) -> ResidencyPlan:
         staging, slot = _streaming_cost(groups, tiers, slots)
         n_slots = slots if slot else 0
+        used = {t for t in tiers.values() if t in STREAMING_TIERS}
+        decode = max((decode_scratch or {}).get(t, 0) for t in used) if used else 0
         return ResidencyPlan(tiers, n_slots, staging, slot, _resident(groups, tiers), reserve_bytes, names,
-                             scratch_bytes)
+                             scratch_bytes, decode)
 
     if residency != "auto":
         plan = make({g.gid: residency for g in groups})
