@@ -808,7 +808,11 @@ def _hook_groups(model, groups, to_model, provider: WeightProvider) -> list:
     (a group named after a top-level module, 'model', holding the embeddings and final norm):
     then, as for groups without a module, each compressed module of the group is hooked on its
     own. So calls never nest, and every linear_weight / embedding_rows call of a group comes
-    between its begin_group and end_group."""
+    between its begin_group and end_group. A provider whose `needs_group_hooks` is False (a GPU
+    provider holding every group resident: nothing to schedule) gets none: hooks cost host time
+    on every call of every block."""
+    if not getattr(provider, "needs_group_hooks", True):
+        return []
     handles = []
     named = dict(model.named_modules())
     compressed = {n: m for n, m in named.items()

@@ -197,6 +197,32 @@ def test_loaded_model_with_fused_provider_generates_the_same_tokens(tmp_path, ar
         m.close()
 
 
+class ResidentSlotProvider(SlotProvider):
+    """A provider with nothing to schedule (like a GPU provider holding every group resident)."""
+
+    needs_group_hooks = False
+
+
+def test_a_provider_without_scheduling_gets_no_group_hooks(tmp_path):
+    make_folder("llama", tmp_path / "llama")
+    out = tmp_path / "m.cllm"
+    convert(tmp_path / "llama", out, chunk_size=4096)
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with cf.load(out, tokenizer=False) as plain:
+        want = plain.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    m = _load_resolved(out, torch.device("cpu"), ResidentSlotProvider, None, tokenizer=False)
+    try:
+        assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.model.modules())
+        assert torch.equal(m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), want)
+    finally:
+        m.close()
+    m = _load_resolved(out, torch.device("cpu"), SlotProvider, None, tokenizer=False)
+    try:  # the default: hooked
+        assert any(mod._forward_pre_hooks for mod in m.model.modules())
+    finally:
+        m.close()
+
+
 def test_bert_attention_is_fused(tmp_path):
     make_folder("bert", tmp_path / "bert")
     out = tmp_path / "m.cllm"

@@ -58,6 +58,9 @@ def test_every_tier_matches_the_cpu_path(tiny_llama):
                 first = got
             else:
                 assert torch.equal(got, first), f"tier {tier} differs from tier gpu"
+            # all resident: nothing to schedule, so no group hooks (they cost host time per block)
+            hooked = any(x._forward_pre_hooks for x in m.model.modules())
+            assert hooked == (tier != "gpu"), tier
             # the embedding table (not tied) is looked up by rows, never streamed, outside the gpu tier
             assert m.provider.row_lookup_tables == ([] if tier == "gpu" else ["model.embed_tokens.weight"]), tier
             fusions = {id(x.fusion): x.fusion for x in m.model.modules() if getattr(x, "fusion", None) is not None}

@@ -557,6 +557,12 @@ class GpuProvider:
         return views
 
     @property
+    def needs_group_hooks(self) -> bool:
+        """Whether the loader must bracket each group's forward with begin_group / end_group:
+        only groups that stream need it (all resident: nothing to schedule or prefetch)."""
+        return any(t != "gpu" for t in self.plan.tiers.values())
+
+    @property
     def row_lookup_tables(self) -> list[str]:
         """Embedding tables served by row lookups in host memory instead of being streamed."""
         return [name for lay in self._rows_only.values() for name in lay.tensors]
