@@ -561,49 +561,41 @@ def _init_buffers(model, items: list[tuple[str, nn.Module, str, str]], device: t
         )
 
 
+def _unshared_sources(model, cllm: CllmFile, kind: str, encodings) -> set[str]:
+    """Stored names of the weights of `kind` modules ("linear", "embedding") that share their
+    weight with no other module and are stored in one of `encodings`."""
+    slots, _ = _model_slots(model)
+    file_keys = set(cllm.keys())
+    to_file, _ = _prefix_mapping(model, slots.keys(), file_keys)
+    uses = defaultdict(int)
+    for s in slots.values():
+        uses[id(s.tensor)] += 1
+    out = set()
+    for mname, mod in model.named_modules():
+        s = slots.get(f"{mname}.weight" if mname else "weight")
+        if s is None or _replaceable(mod) != kind or uses[id(s.tensor)] > 1:
+            continue
+        fname = to_file(s.name)
+        if fname in file_keys and cllm.entry(fname).encoding in encodings:
+            out.add(cllm.entry(fname).name)
+    return out
+
+
 def _float_linear_sources(model, cllm: CllmFile) -> set[str]:
     """Stored names of the lossless (float_planes) weights `_bind` decodes per forward: those of
     nn.Linear modules that share their weight with nothing (a GPU provider streams these; tables
     and tied weights are loaded once as parameters)."""
     if not any(t.encoding == C.Encoding.FLOAT_PLANES for t in cllm.index.tensors):
         return set()
-    slots, _ = _model_slots(model)
-    file_keys = set(cllm.keys())
-    to_file, _ = _prefix_mapping(model, slots.keys(), file_keys)
-    uses = defaultdict(int)
-    for s in slots.values():
-        uses[id(s.tensor)] += 1
-    out = set()
-    for mname, mod in model.named_modules():
-        s = slots.get(f"{mname}.weight" if mname else "weight")
-        if s is None or _replaceable(mod) != "linear" or uses[id(s.tensor)] > 1:
-            continue
-        fname = to_file(s.name)
-        if fname in file_keys and cllm.entry(fname).encoding == C.Encoding.FLOAT_PLANES:
-            out.add(cllm.entry(fname).name)
-    return out
+    return _unshared_sources(model, cllm, "linear", (C.Encoding.FLOAT_PLANES,))
 
 
 def _embedding_only_sources(model, cllm: CllmFile) -> set[str]:
     """Stored names of the int8 tables `_bind` makes CompressedEmbedding modules of and that no
     other module uses (not tied to an output head): a GPU provider serves their rows without
-    streaming the whole table each forward."""
-    slots, _ = _model_slots(model)
-    file_keys = set(cllm.keys())
-    to_file, _ = _prefix_mapping(model, slots.keys(), file_keys)
-    uses = defaultdict(int)
-    for s in slots.values():
-        uses[id(s.tensor)] += 1
-    out = set()
-    for mname, mod in model.named_modules():
-        s = slots.get(f"{mname}.weight" if mname else "weight")
-        if s is None or _replaceable(mod) != "embedding" or uses[id(s.tensor)] > 1:
-            continue
-        fname = to_file(s.name)
-        if fname in file_keys and cllm.entry(fname).encoding in INT8_ENCODINGS:
-            out.add(cllm.entry(fname).name)
-    aliased = {t for a, t in cllm.index.aliases.items()}  # a table also stored under another name may be a head's
-    return out - aliased
+    streaming the whole table each forward. A table also stored under another name (an alias
+    target) may be a head's, so it is left out."""
+    return _unshared_sources(model, cllm, "embedding", INT8_ENCODINGS) - set(cllm.index.aliases.values())
 
 
 def _bind(model, cllm: CllmFile, provider: WeightProvider, device: torch.device,

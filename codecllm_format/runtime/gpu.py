@@ -43,13 +43,6 @@ READ_SLICE = 4 * 1024 * 1024
 """Disk tier: a group is copied out of the page cache in slices of this size ..."""
 READ_THREADS = min(4, os.cpu_count() or 1)
 """... by this many threads at once."""
-TRANSCODE_CHUNK_BYTES = {"host": 0, "gpu-compressed": 0}
-"""Default `chunk_bytes` of GpuProvider per tier (0: keep the file's chunks). Merging is an
-option, not the default: on an H200 (2026-11-27) a 42 MiB ANS group decodes in 195 us with the
-file's 64 KiB chunks, 183 us at 256 KiB and 558 us at 1 MiB (too few chunks to fill the GPU),
-and the TinyLlama host tier measured 0.700x / 0.667x / 0.631x bf16 with 0 / 256 KiB / 1 MiB."""
-
-
 @dataclass
 class _Slot:
     index: int
@@ -120,10 +113,11 @@ class GpuProvider:
             file's codec. A file with ANS groups needs f.trust_gpu_codecs (TrustRequired), and
             refuses codec="zstd" (CllmError: an in-memory zstd copy would only decode slower).
         chunk_bytes: in-memory copies of the host and gpu-compressed tiers merge the file's chunks
-            into chunks of up to this many bytes (0: keep the file's; None: TRANSCODE_CHUNK_BYTES
-            per tier). nvCOMP's decode call costs host time per chunk, so fewer chunks shorten the
-            per-group call; a group whose chunks already are the in-memory codec is then
-            re-encoded once at load.
+            into chunks of up to this many bytes (0, the default: keep the file's; a group whose
+            chunks already are the in-memory codec is then re-encoded once at load). Measured on
+            an H200 (2026-11-27): a 42 MiB ANS group decodes in 195 us with 64 KiB chunks, 183 us
+            at 256 KiB and 558 us at 1 MiB (too few chunks to fill the GPU); the TinyLlama host
+            tier ran at 0.700x / 0.667x / 0.631x bf16 with 0 / 256 KiB / 1 MiB.
         read_ahead: disk tier: groups read ahead from the file into pinned memory by a
             worker thread (read_ahead + 1 pinned buffers of the largest group).
         verbose: print the residency plan (it is always logged at INFO).
@@ -155,7 +149,7 @@ class GpuProvider:
         read_ahead: int = 2,
         groups: set[int] | None = None,
         planes: set[str] | None = None,
-        chunk_bytes: int | None = None,
+        chunk_bytes: int = 0,
         embeddings: set[str] | None = None,
     ):
         if not torch.cuda.is_available():
@@ -175,12 +169,9 @@ class GpuProvider:
         if read_ahead < 1:
             raise CllmError(f"read_ahead must be at least 1, got {read_ahead}")
         self.read_ahead = read_ahead
-        if chunk_bytes is not None and chunk_bytes and not C.MIN_CHUNK_SIZE <= int(chunk_bytes) <= C.MAX_CHUNK_SIZE:
+        if chunk_bytes and not C.MIN_CHUNK_SIZE <= int(chunk_bytes) <= C.MAX_CHUNK_SIZE:
             raise CllmError(f"chunk_bytes must be 0 or in [{C.MIN_CHUNK_SIZE}, {C.MAX_CHUNK_SIZE}], got {chunk_bytes}")
-        if chunk_bytes is None:  # the defaults are measured for ANS (GDeflate, e.g., caps chunks at 64 KiB)
-            self.chunk_bytes = dict(TRANSCODE_CHUNK_BYTES) if self.codec == "ans" else {}
-        else:
-            self.chunk_bytes = {"host": int(chunk_bytes), "gpu-compressed": int(chunk_bytes)}
+        self.chunk_bytes = int(chunk_bytes)
         if cpu_fallback is None:
             from .provider import CpuProvider  # noqa: PLC0415
 
@@ -323,8 +314,7 @@ class GpuProvider:
         for g, tier in tiers.items():
             lay = self.layouts[g]
             # the file's codec (zstd, or ANS) is used as it is, unless chunks are to be merged
-            merge = self.chunk_bytes.get(tier, 0)
-            transcode = self.codec != lay.codec or bool(merge)
+            transcode = self.codec != lay.codec or bool(self.chunk_bytes)
             if tier == "disk":
                 continue
             if tier == "host" and not transcode:
@@ -354,7 +344,7 @@ class GpuProvider:
             check = scratch[lay.decoded_bytes : 2 * lay.decoded_bytes]
             self._decode_now(g, compressed, decoded)
             del compressed
-            packed, enc = self.decoder.encode_packed(self.codec, lay, decoded, merge)
+            packed, enc = self.decoder.encode_packed(self.codec, lay, decoded, self.chunk_bytes)
             self._decode_now(g, packed, check, enc)
             if not torch.equal(decoded, check):
                 raise DecodeError(f"group {lay.name!r}: {self.codec} transcoding did not round-trip; use codec='zstd'")
@@ -542,18 +532,22 @@ class GpuProvider:
         hit = self._resident_views.get(name)
         if hit is not None:  # gpu tier: the same two views every call
             return hit
-        asked = name
-        name = self.file.index.aliases.get(name, name)
-        gid = self._tensor_group[name]
-        sl = self.layouts[gid].tensors[name]
+        stored = self.file.index.aliases.get(name, name)
+        gid = self._tensor_group[stored]
+        return self._cached_views(name, stored, gid, self.layouts[gid].tensors[stored])
+
+    def _cached_views(self, asked, key, gid: int, sl) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of slice `sl` of group `gid` for this forward: of its resident buffer (cached
+        under `asked`, the name callers use), or of the slot it is decoded into (cached per slot
+        under `key`: a slot's buffer lives as long as the provider, so its views do too)."""
         if self.plan.tiers[gid] == "gpu":
             views = self._resident_views[asked] = self._views(self.resident[gid], sl)
             return views
         buf = self._group_buffer(gid)
         slot = self._active[gid]
-        views = self._slot_views.get((name, slot.index))
-        if views is None:  # a slot's buffer lives as long as the provider: its views too
-            views = self._slot_views[(name, slot.index)] = self._views(buf, sl)
+        views = self._slot_views.get((key, slot.index))
+        if views is None:
+            views = self._slot_views[(key, slot.index)] = self._views(buf, sl)
         return views
 
     @property
@@ -579,16 +573,7 @@ class GpuProvider:
         if hit is not None:
             return hit
         gid = self._tensor_group[members[0]]
-        fs = self.layouts[gid].fused[members]
-        if self.plan.tiers[gid] == "gpu":
-            views = self._resident_views[members] = self._views(self.resident[gid], fs)
-            return views
-        buf = self._group_buffer(gid)
-        slot = self._active[gid]
-        views = self._slot_views.get((members, slot.index))
-        if views is None:
-            views = self._slot_views[(members, slot.index)] = self._views(buf, fs)
-        return views
+        return self._cached_views(members, members, gid, self.layouts[gid].fused[members])
 
     def float_weight(self, name: str) -> torch.Tensor:
         """A lossless (float_planes) weight for one forward, bit-exact: its planes are decoded
