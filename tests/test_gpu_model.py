@@ -86,3 +86,54 @@ def test_memory_flat_over_500_tokens(tiny_llama, tier):
         assert after == [base] * 5, after
         bound = m.provider.plan.weight_vram + 32 * 1024 * 1024  # + KV cache and activations of 116 tokens
         assert torch.cuda.max_memory_allocated() - base <= bound
+
+
+@pytest.mark.parametrize("tier", ["host", "gpu-compressed", "disk"])
+def test_timeline_records_every_streamed_group(tiny_llama, tier):
+    from codecllm_format.runtime.timeline import Timeline
+
+    with cf.load(tiny_llama, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False) as m:
+        ids = torch.randint(0, 2048, (1, 8), generator=torch.Generator().manual_seed(5)).cuda()
+        m.generate(ids, max_new_tokens=2, do_sample=False)
+        streamed = {g for g, t in m.provider.plan.tiers.items() if t != "gpu"}
+        m.provider.timeline = tl = Timeline()
+        _logits(m, ids)
+        _logits(m, ids)  # a group used outside any hooked block is released by the next one
+        m.provider.timeline = None
+        rep = tl.report()
+        # every streamed group once per pass (the second pass's last one may still be in use)
+        assert rep["groups"] in (2 * len(streamed) - 1, 2 * len(streamed))
+        first_pass = rep["uses"][: len(streamed)]
+        assert {u["gid"] for u in first_pass} == streamed
+        for k, u in enumerate(rep["uses"]):
+            assert u["tier"] == tier
+            if k == 0:  # prefetched by the last generate step, before the timeline was attached
+                continue
+            assert "decode_ms" in u and u["decode_ms"] > 0
+            assert ("copy_ms" in u) == (tier != "gpu-compressed")
+            assert u["wait_start"] <= u["compute_start"] <= u["compute_end"]
+            if "copy_ms" in u:
+                assert u["copy_end"] <= u["decode_start"] + 1e-3  # the decode waited for its copy
+            assert u["decode_end"] <= u["compute_start"] + 1e-3  # and the compute for its decode
+        assert 0 <= rep["stall_ms"] <= rep["span_ms"]
+
+
+@pytest.mark.parametrize("tier", ["host", "gpu-compressed", "disk"])
+def test_embedding_rows_read_from_pinned_host_memory_without_a_sync(tiny_llama, tier):
+    """Outside the gpu tier the (untied) embedding table stays in pinned host memory and the GPU
+    gathers the asked rows from there: right rows, on the GPU, and no host synchronization."""
+    with cf.load(tiny_llama, device="cpu", dtype=torch.float32, tokenizer=False) as cpu:
+        ref_q, ref_s = cpu.provider.embedding_rows("model.embed_tokens.weight", torch.tensor([0, 7, 2047, 7]))
+    with cf.load(tiny_llama, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False) as m:
+        ids = torch.tensor([0, 7, 2047, 7], device="cuda")
+        before = torch.cuda.memory_allocated()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            q, s = m.provider.embedding_rows("model.embed_tokens.weight", ids)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert q.is_cuda and s.is_cuda
+        assert torch.equal(q.cpu(), ref_q) and torch.equal(s.cpu(), ref_s.to(s.dtype))
+        # the table is not in VRAM: only the gathered rows were allocated
+        assert torch.cuda.memory_allocated() - before < 64 << 10

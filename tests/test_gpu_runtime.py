@@ -249,3 +249,25 @@ def test_vram_after_load_and_a_pass_stays_at_the_plan(tmp_path, tier):
     assert scratch <= planned_scratch + (1 << 20), (tier, scratch, planned_scratch)
     if tier == "gpu":
         assert planned_scratch == 0
+
+
+@needs_cuda
+def test_host_to_device_copy_with_one_runtime_call():
+    """runtime/cuda_copy: the streaming tiers' H2D copy through cudaMemcpyAsync (torch's libcudart)
+    lands the same bytes as torch's copy, on the given stream, and refuses a size mismatch."""
+    from codecllm_format.runtime.cuda_copy import HostToDevice, unavailable
+
+    assert unavailable() is None, unavailable()
+    stream = torch.cuda.Stream()
+    h2d = HostToDevice(stream)
+    assert h2d.direct
+    host = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8).pin_memory()
+    dst = torch.zeros(4 << 20, dtype=torch.uint8, device="cuda")
+    h2d.copy(dst[5 : 5 + host.numel()], host)
+    done = torch.cuda.Event()
+    done.record(stream)
+    done.synchronize()
+    assert torch.equal(dst[5 : 5 + host.numel()].cpu(), host)
+    assert int(dst[:5].sum()) == 0 and int(dst[5 + host.numel() :].sum()) == 0
+    with pytest.raises(ValueError):
+        h2d.copy(dst[:10], host)

@@ -31,11 +31,13 @@ from ..errors import ChecksumError, CllmError, DecodeError, DeviceError, TrustRe
 from .. import constants as C
 from ..reader import CllmFile
 from ..writer import DTYPE_TO_TORCH
+from .cuda_copy import HostToDevice
 from .disk import GroupReader
 from .layout import GroupLayout, build_layouts, slice_views
 from .planes import interleave_planes
 from .nvcomp_decoder import EncodedGroup, GroupDecoder, file_encoding, import_nvcomp
 from .plan import STAGED_TIERS, ResidencyPlan, plan_residency
+from .timeline import Timeline
 
 log = logging.getLogger("codecllm_format.runtime")
 
@@ -43,6 +45,33 @@ READ_SLICE = 4 * 1024 * 1024
 """Disk tier: a group is copied out of the page cache in slices of this size ..."""
 READ_THREADS = min(4, os.cpu_count() or 1)
 """... by this many threads at once."""
+class _DeviceAlias:
+    """A CUDA array interface over pinned host memory, for torch.as_tensor: with unified virtual
+    addressing, pinned host memory is mapped into every device's address space under its host
+    address, so kernels can read it in place (over PCIe)."""
+
+    def __init__(self, host: torch.Tensor):
+        self._host = host  # keeps the memory alive as long as the CUDA tensor
+        self.__cuda_array_interface__ = {"shape": (host.numel(),), "typestr": "|u1", "data": (host.data_ptr(), False),
+                                         "version": 3, "strides": None}
+
+
+def _map_host_table(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """`host` (pinned, uint8) as a CUDA tensor on `device` over the same memory, or None where
+    that is not possible (torch would copy instead, or the GPU does not read it back right)."""
+    try:
+        mapped = torch.as_tensor(_DeviceAlias(host), device=device)
+        if mapped.data_ptr() != host.data_ptr() or mapped.device != device:
+            return None
+        probe = torch.arange(0, host.numel(), max(1, host.numel() // 61), device=device)
+        if not torch.equal(mapped.index_select(0, probe).cpu(), host.index_select(0, probe.cpu())):
+            return None
+        return mapped
+    except (RuntimeError, TypeError, ValueError) as e:
+        log.info("pinned host memory cannot be mapped for the GPU (%s): embedding rows gathered on the CPU", e)
+        return None
+
+
 @dataclass
 class _Slot:
     index: int
@@ -58,8 +87,9 @@ class _Slot:
     last_used: int = -1
     """Scheduling clock of the last group put in the slot (least recently used goes first)."""
     events: tuple | None = None
-    """(ready, free) events of this slot, created once and recorded again for each group: a
-    wait enqueued on a stream refers to the record before it, so reuse is safe."""
+    """(ready, free, copied) events of this slot, created once and recorded again for each group:
+    a wait enqueued on a stream refers to the record before it, so reuse is safe (a host-side
+    synchronize on a re-recorded event waits for the newer record: later, never too early)."""
 
 
 def verify_group(f: CllmFile, layout: GroupLayout, data: memoryview | bytes | None = None) -> None:
@@ -127,8 +157,11 @@ class GpuProvider:
             gives each device's provider the groups placed on that device.
         embeddings: int8 tables only ever looked up by rows (the loader passes the embedding
             tables no Linear shares). Outside residency="gpu", a group holding nothing else is
-            not streamed: rows of a zstd table are decoded on the CPU (only the chunks that hold
-            them), an ANS table is decoded once at load into host memory.
+            not streamed: it is decoded once at load into pinned host memory (host RAM: its int8
+            size, e.g. 131 MB for Llama-2-7B's), and each lookup is one GPU gather reading the
+            asked rows straight from there over PCIe (unified addressing; no copy of the table,
+            no host synchronization). Where the GPU cannot map that memory, rows are gathered on
+            the CPU instead (a zstd table: decoding only the chunks that hold them).
     """
 
     streams_planes = True  # the loader passes `planes=` (see float_weight)
@@ -190,6 +223,7 @@ class GpuProvider:
                                 f"as stored; use codec='auto' (or 'ans'), or load a zstd file")
         # Tables used only by row lookups are served from host memory (no table crosses PCIe per token)
         self._host_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mapped_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the same memory, as CUDA tensors
         rows_only = {g for g, lay in self.layouts.items()
                      if lay.tensors and not lay.planes and set(lay.tensors) <= set(embeddings or ())}
         if residency != "gpu" and rows_only:
@@ -203,6 +237,7 @@ class GpuProvider:
                                  for lay in self.layouts.values() for ps in lay.planes.values()), default=0)
         with torch.cuda.device(self.device):
             self.copy_stream = torch.cuda.Stream(self.device)
+            self._h2d = HostToDevice(self.copy_stream)
             self.decode_stream = torch.cuda.Stream(self.device)
             self.decoder = GroupDecoder(self.device, self.decode_stream)
             self._decode_scratch = self._decode_scratch_by_tier()
@@ -213,9 +248,11 @@ class GpuProvider:
             self._check_ans_bounds()
             self._load()
             self._load_host_tables()
+            self._settle_codecs()
         self._next: dict[int, int] = {}
         self._resident_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # linear_weight's views, by asked name
         self._slot_views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by (name, slot index)
+        self._bound: dict[tuple[int, int], tuple] = {}  # (group, slot index) -> (source view, prepared decode)
         self._last_gid: int | None = None
         self._active: dict[int, _Slot] = {}
         self._transient: list[int] = []
@@ -223,6 +260,8 @@ class GpuProvider:
         self._clock = 0
         self._compute_stream = torch.cuda.current_stream(self.device)
         self.stats = {"decodes": 0, "copies": 0, "prefetched": 0, "float_calls": 0}
+        self.timeline: Timeline | None = None
+        """Attach a runtime.timeline.Timeline to record when each group's copy, decode and compute ran."""
         self._planes_checked: set[str] = set()
         summary = self.plan.summary() + f"\n  in-memory codec of host/gpu-compressed groups: {self.codec}"
         if self._rows_only:
@@ -270,18 +309,24 @@ class GpuProvider:
         return out
 
     def _load_host_tables(self) -> None:
-        """Row-only tables stored as ANS (which the CPU cannot decode): decoded once here, on the
-        GPU, into host memory, verified like any group first."""
+        """Row-only tables: decoded once here (on the GPU, verified like any group first) into
+        pinned host memory, which the GPU reads rows from directly (see _map_host_table). Where
+        it can't, rows are gathered on the CPU: from this copy for an ANS table (the CPU cannot
+        decode ANS), by decoding the chunks that hold them for a zstd one (no copy kept)."""
         for g, lay in self._rows_only.items():
-            if lay.codec != "ans":
-                continue  # zstd: the CPU fallback decodes the chunks that hold the asked rows
             compressed = self._group_to_device(g, lay)
             out = torch.empty(lay.decoded_bytes, dtype=torch.uint8, device=self.device)
             self._decode_now(g, compressed, out, lay=lay)
-            host = out.cpu()
+            host = torch.empty(lay.decoded_bytes, dtype=torch.uint8, pin_memory=True)
+            host.copy_(out)
             del compressed, out
+            mapped = _map_host_table(host, self.device)
+            if mapped is None and lay.codec != "ans":
+                continue
             for name, sl in lay.tensors.items():
                 self._host_tables[name] = self._views(host, sl)
+                if mapped is not None:
+                    self._mapped_tables[name] = self._views(mapped, sl)
 
     def _group_to_device(self, g: int, lay: GroupLayout | None = None) -> torch.Tensor:
         """The group's stored (zstd) bytes on the GPU, checksums verified first."""
@@ -367,12 +412,16 @@ class GpuProvider:
         for k in range(self.plan.slots):
             out = torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=dev)
             staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=dev) if self.plan.staging_bytes else None
-            self.slots.append(_Slot(k, out, staging, events=(torch.cuda.Event(), torch.cuda.Event())))
+            self.slots.append(_Slot(k, out, staging, events=(torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())))
         disk = {g: self.layouts[g].file_length for g, t in tiers.items() if t == "disk"}
         self.disk_reader = GroupReader(self._read_group_into, disk, buffers=self.read_ahead + 1) if disk else None
         self._copy_pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cllm-disk-copy") if disk else None
-        # Codecs used only at load (zstd for transcoding or the gpu tier) hold device scratch:
-        # release those no streamed group decodes at run time; reserve the scratch of those that do.
+
+    def _settle_codecs(self) -> None:
+        """Codecs used only at load (zstd for transcoding, the gpu tier or the row tables) hold
+        device scratch: release those no streamed group decodes at run time; reserve the scratch
+        of those that do."""
+        tiers = self.plan.tiers
         needed = {self.encoded[g].codec for g, t in tiers.items() if t != "gpu"}
         for name in self.decoder.codecs_in_use():
             if name not in needed:
@@ -381,7 +430,7 @@ class GpuProvider:
             codec, nbytes = self._decode_scratch.get(tier, ("", 0))
             if codec in needed:
                 self.decoder.reserve_scratch(codec, nbytes)
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
 
     # --- scheduling -------------------------------------------------------------------------
@@ -404,22 +453,27 @@ class GpuProvider:
         slot.last_used = self._clock
         slot.gid = gid
         enc = self.encoded[gid]
-        if tier == "gpu-compressed":
-            src = self.dev_store[gid]
-        else:
-            assert slot.staging is not None
-            src = slot.staging[: enc.length]
+        trace = self.timeline.scheduled(gid, tier, enc.length) if self.timeline is not None else None
+        bound = self._bound.get((gid, slot.index))
+        if bound is None:  # this group's source view and prepared decode into this slot, once
+            src = self.dev_store[gid] if tier == "gpu-compressed" else slot.staging[: enc.length]
+            bound = self._bound[(gid, slot.index)] = (src, self.decoder.bind(enc, lay, src, slot.out))
+        src, decode = bound
+        if tier != "gpu-compressed":
             disk_buffer = None
             if tier == "disk":
                 host, disk_buffer = self.disk_reader.take(gid)  # read ahead on the reader's thread
             else:
                 host = self.host_store[gid]
-            with torch.cuda.stream(self.copy_stream):
-                if slot.read_event is not None:
-                    self.copy_stream.wait_event(slot.read_event)
-                src.copy_(host, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(self.copy_stream)
+            if slot.read_event is not None:
+                self.copy_stream.wait_event(slot.read_event)
+            if trace is not None:
+                self.timeline.mark(trace, "copy_start", self.copy_stream)
+            self._h2d.copy(src, host)
+            copied = slot.events[2]
+            copied.record(self.copy_stream)
+            if trace is not None:
+                self.timeline.mark(trace, "copy_end", self.copy_stream)
             self.stats["copies"] += 1
             if disk_buffer is not None:
                 self.disk_reader.give_back(disk_buffer, copied)
@@ -427,7 +481,11 @@ class GpuProvider:
             self.decode_stream.wait_event(copied)
         if slot.free_event is not None:
             self.decode_stream.wait_event(slot.free_event)
-        self.decoder.decode(enc, lay, src, slot.out)
+        if trace is not None:
+            self.timeline.mark(trace, "decode_start", self.decode_stream)
+        decode()
+        if trace is not None:
+            self.timeline.mark(trace, "decode_end", self.decode_stream)
         slot.ready_event = slot.events[0]
         slot.ready_event.record(self.decode_stream)
         slot.read_event = slot.ready_event
@@ -441,7 +499,12 @@ class GpuProvider:
         if slot is None:
             busy = {self._current} if self._current not in (None, gid) else set()
             slot = self._schedule(gid, exclude=busy)
+        if self.timeline is not None:
+            trace = self.timeline.acquired(gid, self.plan.tiers[gid], self.encoded[gid].length)
+            self.timeline.mark(trace, "wait_start", self._compute_stream)
         self._compute_stream.wait_event(slot.ready_event)
+        if self.timeline is not None:
+            self.timeline.mark(trace, "compute_start", self._compute_stream)
         return slot
 
     def _read_group_into(self, gid: int, dst: np.ndarray) -> None:
@@ -474,6 +537,8 @@ class GpuProvider:
             if slot is not None:
                 slot.free_event = slot.events[1]
                 slot.free_event.record(self._compute_stream)
+            if self.timeline is not None:
+                self.timeline.released(gid, self._compute_stream)
         self._transient.clear()
 
     def _note_order(self, gid: int) -> None:
@@ -482,13 +547,22 @@ class GpuProvider:
         self._last_gid = gid
 
     def _prefetch_after(self, gid: int) -> None:
-        nxt = self._next.get(gid)
-        if not self.prefetch or nxt is None or self.plan.tiers.get(nxt, "gpu") == "gpu" or nxt in self._active:
+        """Schedule the streamed groups expected after `gid` (learned order), as many as there
+        are slots besides the one `gid` computes in: with slots=3, two groups ahead."""
+        if not self.prefetch:
             return
-        if len(self.slots) < 2:
-            return
-        self._schedule(nxt, exclude={gid})
-        self.stats["prefetched"] += 1
+        keep = {gid} if self._current is None else {gid, self._current}  # never evict a group in use
+        nxt = gid
+        for _ in range(len(self.slots) - len(keep)):
+            nxt = self._next.get(nxt)
+            if nxt is None or nxt in keep:
+                return
+            if self.plan.tiers.get(nxt, "gpu") == "gpu":
+                continue  # resident: nothing to fetch, look further (it uses no slot)
+            if nxt not in self._active:
+                self._schedule(nxt, exclude=keep)
+                self.stats["prefetched"] += 1
+            keep.add(nxt)
 
     # --- WeightProvider ---------------------------------------------------------------------
 
@@ -510,6 +584,8 @@ class GpuProvider:
         if slot is not None:
             slot.free_event = slot.events[1]
             slot.free_event.record(self._compute_stream)
+        if self.timeline is not None:
+            self.timeline.released(group, self._compute_stream)
 
     def _group_buffer(self, gid: int) -> torch.Tensor:
         """The decoded bytes of group `gid` for the current forward: its resident buffer (gpu
@@ -610,6 +686,10 @@ class GpuProvider:
             q, s = self.linear_weight(name)
             flat = ids.reshape(-1).to(self.device)
             return q.index_select(0, flat), s.index_select(0, flat)
+        table = self._mapped_tables.get(name)
+        if table is not None:  # pinned host memory the GPU gathers from: no copy, no synchronization
+            flat = ids.reshape(-1).to(self.device, non_blocking=True)
+            return table[0].index_select(0, flat), table[1].index_select(0, flat)
         table = self._host_tables.get(name)
         if table is not None:  # an ANS table decoded at load into host memory
             flat = ids.reshape(-1).cpu()
@@ -629,8 +709,10 @@ class GpuProvider:
         self.decoder.close()
         self.slots.clear()
         self._host_tables.clear()
+        self._mapped_tables.clear()
         self._resident_views.clear()
         self._slot_views.clear()
+        self._bound.clear()
         self.resident.clear()
         self.dev_store.clear()
         self.host_store.clear()

@@ -13,6 +13,8 @@ scratch memory comes from PyTorch's caching allocator, so torch.cuda memory stat
 
 from __future__ import annotations
 
+import functools
+
 import atexit
 import os
 import gc
@@ -224,18 +226,30 @@ class GroupDecoder:
             self._batches[key] = b
         return b
 
+    def bind(self, enc: EncodedGroup, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor):
+        """A callable with no arguments that does `decode(enc, layout, src, out)`: with nvCOMP's C
+        API, the prepared C call and nothing else (the streaming tiers keep one per group and
+        slot: the per-call lookups here cost host time at every layer of every token)."""
+        direct = self._direct_decoder(enc.codec)
+        if direct is None:
+            return functools.partial(self.decode, enc, layout, src, out)
+        return functools.partial(direct.decode, self._direct_batch(direct, enc, layout, src, out), f"group {layout.name!r}")
+
+    def _direct_batch(self, direct, enc: EncodedGroup, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor):
+        key = (enc.gid, enc.codec, enc.chunk_bytes, enc.length, len(enc.in_sizes), src.data_ptr(), out.data_ptr())
+        b = self._direct_batches.get(key)
+        if b is None:
+            out_offsets, out_sizes = enc.outputs(layout)
+            b = self._direct_batches[key] = direct.prepare(src, enc.in_offsets, enc.in_sizes, out, out_offsets, out_sizes)
+        return b
+
     def decode(self, enc: EncodedGroup, layout: GroupLayout, src: torch.Tensor, out: torch.Tensor) -> None:
         """Enqueue the decode of a group's chunks from `src` (uint8, `enc` laid out from offset 0)
         into `out` (uint8, >= layout.decoded_bytes) on self.stream. Callers order it with
         events; nothing here synchronizes the host after the first call per group."""
         direct = self._direct_decoder(enc.codec)
         if direct is not None:
-            key = (enc.gid, enc.codec, enc.chunk_bytes, enc.length, len(enc.in_sizes), src.data_ptr(), out.data_ptr())
-            b = self._direct_batches.get(key)
-            if b is None:
-                out_offsets, out_sizes = enc.outputs(layout)
-                b = self._direct_batches[key] = direct.prepare(src, enc.in_offsets, enc.in_sizes, out, out_offsets, out_sizes)
-            direct.decode(b, where=f"group {layout.name!r}")
+            direct.decode(self._direct_batch(direct, enc, layout, src, out), where=f"group {layout.name!r}")
             return
         srcs, outs, _, _ = self._batch(enc, layout, src, out)
         codec = self.codec(enc.codec)

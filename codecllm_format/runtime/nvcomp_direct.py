@@ -127,7 +127,8 @@ def chunk_table(src_ptr: int, in_offsets, in_sizes, out_ptr: int, out_offsets, o
 class DirectBatch:
     """One prepared decode: device tables plus the buffers they point into (kept alive)."""
 
-    __slots__ = ("table", "actual", "statuses", "n", "max_out", "total_out", "expected", "src", "out", "checked")
+    __slots__ = ("table", "actual", "statuses", "n", "max_out", "total_out", "expected", "src", "out", "checked",
+                 "args", "temp")
 
     def __init__(self, table: torch.Tensor, n: int, out_sizes: np.ndarray, src: torch.Tensor, out: torch.Tensor):
         self.table = table
@@ -139,6 +140,8 @@ class DirectBatch:
         self.statuses = torch.empty(n, dtype=torch.int32, device=table.device)
         self.src, self.out = src, out
         self.checked = False
+        self.args = None  # the C call's arguments, built at the first decode ...
+        self.temp = None  # ... with this scratch buffer (rebuilt if the scratch grew since)
 
 
 class DirectDecoder:
@@ -190,12 +193,16 @@ class DirectDecoder:
     def decode(self, batch: DirectBatch, where: str = "") -> None:
         """Enqueue the batch's decode on the stream; the first decode of a batch is checked
         (synchronizes; DecodeError naming the first bad chunk)."""
-        t = batch.table
-        row = t.stride(0) * t.element_size()
-        base = t.data_ptr()
-        status = self._decode_fn(base, base + row, base + 2 * row, batch.actual.data_ptr(), batch.n,
+        args = batch.args
+        if args is None or batch.temp is not self._temp:
+            t = batch.table
+            row = t.stride(0) * t.element_size()
+            base = t.data_ptr()
+            args = batch.args = (base, base + row, base + 2 * row, batch.actual.data_ptr(), batch.n,
                                  self._temp.data_ptr() if self._temp.numel() else None, self._temp.numel(),
                                  base + 3 * row, self._opts, batch.statuses.data_ptr(), self.stream.cuda_stream)
+            batch.temp = self._temp
+        status = self._decode_fn(*args)
         if status != SUCCESS:
             raise DecodeError(f"{where}: nvCOMP {self.codec} decode could not be launched (status {status})")
         if not batch.checked:
