@@ -214,6 +214,58 @@ def stream_profile(provider) -> dict:
     return out
 
 
+def generation_timeline(m, prompt: torch.Tensor, new_tokens: int = 8) -> dict:
+    """Per-group timeline of one generation with a streaming tier (runtime/timeline.py): copy,
+    decode and stall milliseconds per token, and the share of copy+decode hidden behind compute.
+    The first token (prefill) is left out; event recording slows the host, so no tok/s here."""
+    from codecllm_format.runtime.timeline import Timeline
+
+    provider = m.provider
+    if not hasattr(provider, "timeline") or all(t == "gpu" for t in provider.plan.tiers.values()):
+        return {}
+    m.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False)  # prefill: not traced
+    provider.timeline = tl = Timeline()
+    try:
+        m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    finally:
+        provider.timeline = None
+    rep = tl.report()
+    uses = rep.pop("uses")
+    if not uses:
+        return {}
+    starts = [i for i, r in enumerate(uses) if r["gid"] == uses[0]["gid"]]  # one per forward
+    if len(starts) < 2:
+        return {}
+    steady = uses[starts[1]:]  # the traced run's own prefill left out
+    tokens = len(starts) - 1
+    per_token = len(steady) / tokens
+    span = steady[-1]["compute_end"] - steady[0]["wait_start"]
+    out = {"tokens": tokens, "groups_per_token": per_token, "gpu_span_ms_per_token": span / tokens}
+    for k in ("copy_ms", "decode_ms", "stall_ms", "compute_ms"):
+        out[k.replace("_ms", "_ms_per_token")] = sum(r.get(k, 0.0) for r in steady) / tokens
+    streamed = out["copy_ms_per_token"] + out["decode_ms_per_token"]
+    out["overlap"] = 1.0 - out["stall_ms_per_token"] / streamed if streamed else None
+    copied = sum(r["compressed_bytes"] for r in steady if "copy_ms" in r)
+    out["copy_gbps"] = copied / (out["copy_ms_per_token"] * tokens / 1000) / 1e9 if out["copy_ms_per_token"] else None
+    worst = sorted(steady, key=lambda r: -r["stall_ms"])[:5]
+    out["worst_stalls"] = [{k: r.get(k) for k in ("gid", "tier", "stall_ms", "copy_ms", "decode_ms", "compute_ms")} for r in worst]
+    out["one_token"] = steady[: int(round(per_token))]
+    return out
+
+
+def print_timeline(name: str, t: dict) -> None:
+    if not t:
+        return
+    ov = f"{100 * t['overlap']:.0f}%" if t["overlap"] is not None else "-"
+    gb = f", copy {t['copy_gbps']:.1f} GB/s" if t["copy_gbps"] else ""
+    print(f"   {name} timeline per token: GPU span {t['gpu_span_ms_per_token']:.2f} ms, copy {t['copy_ms_per_token']:.2f} ms, "
+          f"decode {t['decode_ms_per_token']:.2f} ms, compute {t['compute_ms_per_token']:.2f} ms, stall "
+          f"{t['stall_ms_per_token']:.2f} ms; overlap {ov}{gb}", flush=True)
+    for r in t["worst_stalls"][:3]:
+        print(f"      worst stall: group {r['gid']} ({r['tier']}) {r['stall_ms']:.3f} ms "
+              f"(copy {r.get('copy_ms') or 0:.3f}, decode {r.get('decode_ms') or 0:.3f}, compute {r['compute_ms']:.3f})")
+
+
 def hf_generate(model):
     def run(prompt, n):
         with torch.no_grad():
@@ -411,6 +463,8 @@ def main(argv=None) -> int:
                   f"{100 * r['of_pcie_bound']:.0f}% of it", flush=True)
         if r["stream_profile"]:
             print(f"   per layer group: {r['stream_profile']}", flush=True)
+        r["timeline"] = generation_timeline(m, prompt)
+        print_timeline(tier, r["timeline"])
         if args.graphs and tier == "gpu":
             time_graphs(results, "cllm-gpu", m.model, prompt, args)
         m.close()

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import codecllm_format as cf  # noqa: E402
-from bench_generate import SHAPES, build_reference, hf_generate, write_cllm  # noqa: E402
+from bench_generate import SHAPES, build_reference, generation_timeline, hf_generate, print_timeline, write_cllm  # noqa: E402
 
 
 def _time_one(generate, prompt, n) -> float:
@@ -100,6 +100,8 @@ def host_profile(generate, prompt, n: int, top: int) -> str:
     s = io.StringIO()
     st = pstats.Stats(pr, stream=s)
     st.sort_stats("tottime").print_stats(top)
+    s.write("\n---- codecllm's own functions and the module hooks, by cumulative time ----\n")
+    st.sort_stats("cumulative").print_stats(r"codecllm_format|module.py:\d+\(inner\)|_call_hooks", top)
     return f"(cProfile of {n} tokens; divide times by {n} for per-token)\n" + s.getvalue()
 
 
@@ -141,6 +143,119 @@ def probe_decode_blocking(provider, repeats: int = 15) -> dict:
     return r
 
 
+def _decoder_layers(model):
+    """The ModuleList of a causal LM's decoder blocks (the longest ModuleList in the model)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len) if lists else []
+
+
+def block_times(model, generate, prompt, n: int = 16) -> dict:
+    """Host and GPU time of each decoder block at decode steps (hooks on the blocks: perf_counter
+    and CUDA events around each block's forward), for any model, bf16 included: if a block's GPU
+    time equals its host time, the GPU waits for the host (host-bound); a block whose host time
+    jumps when another tier streams hints at a host synchronization."""
+    layers = _decoder_layers(model)
+    recs: list = []
+
+    def pre(mod, args):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        recs.append(["pre", time.perf_counter(), e])
+
+    def post(mod, args, out):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        recs.append(["post", time.perf_counter(), e])
+
+    # prepend: the block's time includes the loader's own begin_group hook (its end_group runs before `post`)
+    handles = [m.register_forward_pre_hook(pre, prepend=True) for m in layers] + [m.register_forward_hook(post) for m in layers]
+    try:
+        generate(prompt, 2)
+        torch.cuda.synchronize()
+        recs.clear()
+        e0 = torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        e0.record()  # the GPU is idle: fires at about t0 (aligns GPU and host clocks)
+        generate(prompt, n)
+        torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
+    steps = [recs[i : i + 2 * len(layers)] for i in range(0, len(recs), 2 * len(layers))][1:]  # no prefill
+    host, gpu, between_host, between_gpu = [], [], [], []
+    for k, step in enumerate(steps):
+        for a, b in zip(step[0::2], step[1::2]):
+            host.append((b[1] - a[1]) * 1e6)
+            gpu.append(a[2].elapsed_time(b[2]) * 1e3)
+        if k + 1 < len(steps):  # end of this step's last block -> next step's first block
+            between_host.append((steps[k + 1][0][1] - step[-1][1]) * 1e6)
+            between_gpu.append(step[-1][2].elapsed_time(steps[k + 1][0][2]) * 1e3)
+    # how far the GPU runs behind the host when it reaches a block (launch latency if it waits
+    # for the host; growing within a step if the GPU is the bottleneck)
+    lag = [(t0 + e0.elapsed_time(r[2]) / 1000 - r[1]) * 1e6 for step in steps for r in step[0::2]]
+    med = statistics.median
+    return {"blocks": len(layers), "block_host_us": med(host), "block_gpu_us": med(gpu),
+            "gpu_lag_us_median": med(lag), "gpu_lag_us_max": max(lag),
+            "between_steps_host_us": med(between_host) if between_host else None,
+            "between_steps_gpu_us": med(between_gpu) if between_gpu else None}
+
+
+def sync_points(generate, prompt, n: int = 4) -> dict:
+    """Host synchronizations per generated token (torch.cuda.set_sync_debug_mode), by where in
+    our code or transformers' they happen (innermost frame outside torch)."""
+    import traceback
+    import warnings
+
+    where: dict[str, int] = {}
+    generate(prompt, 2)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            orig = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+                key = f"{str(message)[:60]} @ " + (f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?")
+                where[key] = where.get(key, 0) + 1
+
+            warnings.showwarning = show
+            generate(prompt, n)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = orig
+    for w in caught:  # record=True bypasses showwarning: tally what was recorded
+        key = f"{str(w.message)[:60]} @ {Path(w.filename).name}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    return {k: v / n for k, v in sorted(where.items(), key=lambda kv: -kv[1])}
+
+
+def probe_group_hooks(provider, repeats: int = 200) -> dict:
+    """Host time of the per-group scheduling a streaming tier adds to each block: begin_group +
+    end_group over the provider's block groups in order (each begin acquires its group and
+    prefetches the next), per group, idle GPU. The gpu tier has no hooks (nothing to schedule)."""
+    p = provider
+    gids = [g for g in p.layouts if p.plan.tiers[g] != "gpu" and ".layers." in p.layouts[g].name]
+    if not gids:
+        return {}
+    for g in gids * 2:  # learn the order, warm the view caches
+        p.begin_group(g)
+        p.end_group(g)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(1, repeats // len(gids))):
+        t0 = time.perf_counter()
+        for g in gids:
+            p.begin_group(g)
+            p.end_group(g)
+        times.append((time.perf_counter() - t0) / len(gids) * 1e6)
+        torch.cuda.synchronize()
+    r = {"tier": sorted({p.plan.tiers[g] for g in gids}), "hooks_us_per_group": statistics.median(times)}
+    print(f"  {'/'.join(r['tier'])}: begin_group + end_group host time {r['hooks_us_per_group']:.0f} us per group (idle GPU)")
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -151,8 +266,11 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=30, help="functions shown per cProfile")
     ap.add_argument("--host-chunks", default=None, metavar="0,1048576",
                     help="also load the host tier once per in-memory chunk size listed (chunk_bytes=; 0: the file's chunks)")
+    ap.add_argument("--variant", action="append", default=[], metavar="TIER:key=val[,key=val]",
+                    help="also load TIER with these runtime options (ints), e.g. host:slots=3 (repeatable)")
     ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd", help="codec of the int8 weights in the file")
     ap.add_argument("--no-profile", action="store_true", help="timing only")
+    ap.add_argument("--sync-debug", action="store_true", help="count host synchronizations per token, by call site")
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", default=None, help="folder for the cProfile texts")
     args = ap.parse_args(argv)
@@ -173,18 +291,42 @@ def main(argv=None) -> int:
         loaded.append(m)
         variants[f"cllm-{tier}"] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
                                                                        do_sample=False))(m)
-    for cb in [int(c) for c in (args.host_chunks or "").split(",") if c]:
-        m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency="host", tokenizer=False,
-                    trust_gpu_codecs=args.file_codec == "ans", chunk_bytes=cb)
+    extra = [f"host:chunk_bytes={c}" for c in (args.host_chunks or "").split(",") if c] + args.variant
+    for spec in extra:
+        tier, _, opts = spec.partition(":")
+        kw = {k: int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+        m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False,
+                    trust_gpu_codecs=args.file_codec == "ans", **kw)
         loaded.append(m)
-        variants[f"cllm-host@{cb}"] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
-                                                                         do_sample=False))(m)
+        name = f"cllm-{tier}-" + "-".join(f"{k}{v}" for k, v in kw.items())  # plain file names (no '@', '=')
+        variants[name] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
+                                                             do_sample=False))(m)
     results = {"shape": args.shape, "file_codec": args.file_codec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "timing": interleaved(variants, prompt, args.new_tokens, args.rounds)}
     print(f"{args.shape} on {results['device']}, interleaved x{args.rounds}, {args.new_tokens} new tokens")
     for k, r in results["timing"].items():
         print(f"  {k:<20} {r['tok_s']:8.2f} tok/s  ratio to bf16 (median of rounds) {r['ratio_to_first']:.3f}  "
               f"runs {', '.join(f'{x:.1f}' for x in r['runs'])}")
+    results["timeline"] = {}
+    for name, m in zip([k for k in variants if k != "bf16"], loaded):
+        t = results["timeline"][name] = generation_timeline(m, prompt, 16)
+        print_timeline(name, t)
+    results["blocks"] = {}
+    models = {"bf16": model, **{name: m.model for name, m in zip([k for k in variants if k != "bf16"], loaded)}}
+    for name, gen in variants.items():
+        b = results["blocks"][name] = block_times(models[name], gen, prompt)
+        print(f"  {name:<26} per block: host {b['block_host_us']:.0f} us, GPU {b['block_gpu_us']:.0f} us; between steps: "
+              f"host {b['between_steps_host_us']:.0f} us, GPU {b['between_steps_gpu_us']:.0f} us; GPU behind the host by "
+              f"{b['gpu_lag_us_median']:.0f} us (median), {b['gpu_lag_us_max']:.0f} us (max)")
+    if args.sync_debug:
+        results["syncs_per_token"] = {}
+        for name, gen in variants.items():
+            sp = results["syncs_per_token"][name] = sync_points(gen, prompt)
+            print(f"  {name}: host synchronizations per token: " + ("; ".join(f"{v:.1f}x {k}" for k, v in sp.items()) or "none"))
+    results["group_hooks"] = {}
+    for name, m in zip([k for k in variants if k != "bf16"], loaded):
+        if hasattr(m.provider, "begin_group"):
+            results["group_hooks"][name] = probe_group_hooks(m.provider)
     host = [m for m in loaded if "host" in m.provider.plan.tiers.values()]
     if host:
         results["decode_blocking"] = probe_decode_blocking(host[0].provider)
