@@ -196,3 +196,84 @@ def test_scratch_counts_toward_the_budget():
     auto = plan_residency(groups, "auto", max_vram=450 * MiB, reserve=0, scratch_bytes=64 * MiB)
     assert set(auto.tiers.values()) != {"gpu"} and auto.weight_vram <= 450 * MiB
     assert plan_residency(groups, "auto", max_vram=450 * MiB, reserve=0).tiers == plain.tiers
+
+
+def test_auto_takes_the_upgrade_that_shrinks_the_slots_first():
+    """The largest streamed group sizes every slot: holding it resident can free more VRAM than it
+    takes, and the budget then keeps more blocks off PCIe than upgrading in file order would."""
+    blocks = [GroupCost(i, f"model.layers.{i}", 30 * MiB, 40 * MiB) for i in range(10)]
+    head = GroupCost(10, "lm_head", 50 * MiB, 66 * MiB)
+    groups = blocks + [head]
+    base = plan_residency(groups, "host")
+    assert base.weight_vram == 2 * (50 + 66) * MiB
+    budget = base.weight_vram + 40 * MiB
+    p = plan_residency(groups, "auto", max_vram=budget, reserve=0)
+    assert p.weight_vram <= budget
+    # lm_head resident (66 MiB) shrinks two slots from 116 to 70 MiB: VRAM drops by 26 MiB;
+    # the 66 MiB left then hold two blocks compressed
+    assert p.tiers[10] == "gpu"
+    assert sorted(p.tiers.values()).count("gpu-compressed") == 2
+    streamed = sum(g.stored_bytes for g in groups if p.tiers[g.gid] == "host")
+    assert streamed == 8 * 30 * MiB  # upgrading in file order would stream 9 blocks + lm_head
+
+
+def test_auto_planning_prices_moves_like_whole_plans_and_stays_fast():
+    """The planner prices most moves by their resident bytes alone: it must choose exactly what
+    pricing every move with a whole plan chooses, and plan a 160-block model quickly."""
+    import random
+    import time
+
+    from codecllm_format.runtime import plan as plan_mod
+
+    def reference(groups, budget, reserve, scratch):
+        tiers = {g.gid: "host" for g in groups}
+
+        def weight_vram(t):  # ResidencyPlan.weight_vram, from scratch
+            staging, slot = plan_mod._streaming_cost(groups, t, 2)
+            used = [scratch.get(x, 0) for x in t.values() if x in plan_mod.STREAMING_TIERS]
+            return plan_mod._resident(groups, t) + (2 * (staging + slot) if slot else 0) + max(used, default=0)
+
+        current = weight_vram(tiers)
+        while True:
+            best = None
+            for g in groups:
+                tier = tiers[g.gid]
+                for target in plan_mod._UPGRADES[tier]:
+                    tiers[g.gid] = target
+                    vram = weight_vram(tiers)
+                    tiers[g.gid] = tier
+                    if vram + reserve > budget:
+                        continue
+                    value = (plan_mod.PCIE_WEIGHT * g.stored_bytes if tier in plan_mod.STAGED_TIERS else 0) + (
+                        g.decoded_bytes if target == "gpu" else 0)
+                    score = value / max(vram - current, 1)
+                    if best is None or score > best[0]:
+                        best = (score, g.gid, target, vram)
+            if best is None:
+                return tiers
+            _, gid, target, current = best
+            tiers[gid] = target
+
+    rng = random.Random(7)
+    scratch = {"gpu-compressed": 10 * MiB, "host": 40 * MiB}
+    for trial in range(90):
+        n = rng.randint(2, 14)
+        # odd trials: equal decoded sizes and few distinct stored ones (ties at the slot sizes)
+        groups = [GroupCost(i, f"g{i}", rng.randint(20, 24 if trial % 2 else 60) * MiB, 0) for i in range(n)]
+        groups = [GroupCost(g.gid, g.name, g.stored_bytes, 64 * MiB if trial % 2 else g.stored_bytes + rng.randint(1, 30) * MiB)
+                  for g in groups]
+        if trial % 3 == 0:  # a head larger than any block: it alone sizes the slots
+            groups.append(GroupCost(n, "lm_head", 70 * MiB, 100 * MiB))
+        base = plan_residency(groups, "host", decode_scratch=scratch)
+        budget = base.weight_vram + rng.randint(0, 400) * MiB
+        got = plan_residency(groups, "auto", max_vram=budget, reserve=0, decode_scratch=scratch)
+        if set(got.tiers.values()) == {"gpu"}:
+            continue
+        assert got.tiers == reference(groups, budget, 0, scratch), trial
+
+    groups = [GroupCost(i, f"model.layers.{i}", (180 + i % 37) * MiB, 260 * MiB) for i in range(160)]
+    t0 = time.perf_counter()
+    p = plan_residency(groups, "auto", max_vram="20GiB", reserve="1GiB")
+    assert time.perf_counter() - t0 < 5
+    assert p.weight_vram + p.reserve_bytes <= 20 * 2**30
+    assert "gpu-compressed" in p.tiers.values() and "host" in p.tiers.values()

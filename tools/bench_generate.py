@@ -353,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", default=None, metavar="0,1",
                     help="split over these GPUs (cllm: load(device_map=...); bf16: accelerate's balanced dispatch); "
                     "default: one GPU")
+    ap.add_argument("--max-vram", default=None, help='budget of the "auto" tier (e.g. 0.35GiB; list auto in --tiers)')
+    ap.add_argument("--reserve", default=None, help='VRAM the "auto" plan keeps for the KV cache and activations')
     ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd",
                     help="codec of the int8 weights in the .cllm (ans: cllm-convert --codec ans; the tiers then use it "
                     "as stored, the disk tier decodes ANS)")
@@ -435,7 +437,8 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False,
+        budget = {"max_vram": args.max_vram, "reserve": args.reserve} if tier == "auto" else {}
+        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False, **budget,
                     trust_gpu_codecs=args.file_codec == "ans")  # our own file
         load_s = time.perf_counter() - t0
         loaded = torch.cuda.memory_allocated()
@@ -446,6 +449,7 @@ def main(argv=None) -> int:
         r["resident_after_load_gib"] = (loaded - base) / GiB
         r["decode_only_peak_gib"] = decode_only_peak(m.provider) + (torch.cuda.memory_allocated() - base) / GiB
         r["plan_weight_vram_gib"] = m.provider.plan.weight_vram / GiB
+        r["tier_counts"] = {t: list(m.provider.plan.tiers.values()).count(t) for t in sorted(set(m.provider.plan.tiers.values()))}
         r["stream_profile"] = stream_profile(m.provider)
         streamed = sum(m.provider.encoded[g].length for g, t in m.provider.plan.tiers.items() if t in ("host", "disk"))
         if streamed:
@@ -457,7 +461,7 @@ def main(argv=None) -> int:
         results["variants"][f"cllm-{tier}"] = r
         print(f"cllm {tier}: {r['tok_s']:.2f} tok/s, peak {r['peak_vram_gib']:.3f} GiB (after load "
               f"{r['resident_after_load_gib']:.3f}, decode-only {r['decode_only_peak_gib']:.3f}, plan "
-              f"{r['plan_weight_vram_gib']:.3f}), load {load_s:.1f} s", flush=True)
+              f"{r['plan_weight_vram_gib']:.3f}), load {load_s:.1f} s; groups per tier {r['tier_counts']}", flush=True)
         if "pcie_bound_tok_s" in r:
             print(f"   PCIe bound {r['pcie_bound_tok_s']:.2f} tok/s ({r['streamed_bytes_per_token'] / 1e9:.2f} GB/token): "
                   f"{100 * r['of_pcie_bound']:.0f}% of it", flush=True)

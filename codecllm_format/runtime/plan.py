@@ -161,7 +161,7 @@ def plan_residency(
             )
         return plan
 
-    # auto: everything on the GPU if it fits; else stream from host and upgrade greedily.
+    # auto: everything on the GPU if it fits; else stream from host and upgrade, best value first.
     all_gpu = make({g.gid: "gpu" for g in groups})
     if all_gpu.weight_vram + reserve_bytes <= budget:
         return all_gpu
@@ -172,10 +172,63 @@ def plan_residency(
             f"max_vram={budget / 2**20:.0f} MiB cannot hold even the streaming buffers "
             f"({base.weight_vram / 2**20:.0f} MiB) plus the {reserve_bytes / 2**20:.0f} MiB reserve"
         )
-    for target in ("gpu-compressed", "gpu"):
-        for g in groups:
-            previous = tiers[g.gid]
-            tiers[g.gid] = target
-            if make(tiers).weight_vram + reserve_bytes > budget:
-                tiers[g.gid] = previous
+    _upgrade_greedily(groups, tiers, make, lambda vram: vram + reserve_bytes <= budget)
     return make(tiers)
+
+
+PCIE_WEIGHT = 16
+"""In "auto" planning, a byte no longer copied over PCIe per token counts as much as this many
+bytes of decode work saved: pinned host->GPU runs at ~55 GB/s, nvCOMP ANS decodes ~900 GB/s of
+output (H200, 2026-11-27), so leaving the host tier comes first."""
+
+_UPGRADES = {"host": ("gpu-compressed", "gpu"), "gpu-compressed": ("gpu",), "gpu": ()}
+
+
+def _upgrade_greedily(groups: list[GroupCost], tiers: dict[int, str], make, fits) -> None:
+    """Move groups to faster tiers, best value per VRAM byte first, while the plan fits.
+
+    Value of an upgrade: PCIE_WEIGHT x the group's stored bytes if it stops being copied per
+    token, plus its decoded bytes if it stops being decoded per token. Cost: the change in the
+    whole plan's weight VRAM, so that an upgrade which shrinks the streaming slots (the largest
+    streamed group, often lm_head, sizes them all) is seen as cheap or free, and is taken first.
+    Ties go to the first group in file order.
+    """
+    current = make(tiers).weight_vram
+    while True:
+        # Only the one group that sizes the slots, or the last of its tier (decode scratch is
+        # per tier in use), changes more than the resident bytes: price those with a whole plan.
+        staged = [g.stored_bytes for g in groups if tiers[g.gid] in STAGED_TIERS]
+        streamed = [g.decoded_bytes for g in groups if tiers[g.gid] in STREAMING_TIERS]
+        top_staged, top_streamed = max(staged, default=0), max(streamed, default=0)
+        sole_staged = staged.count(top_staged) == 1  # only then can one move shrink the slots
+        sole_streamed = streamed.count(top_streamed) == 1
+        count: dict[str, int] = {}
+        for t in tiers.values():
+            count[t] = count.get(t, 0) + 1
+        best = None
+        for g in groups:
+            tier = tiers[g.gid]
+            for target in _UPGRADES[tier]:
+                if ((sole_staged and tier in STAGED_TIERS and g.stored_bytes == top_staged)
+                        or (sole_streamed and target == "gpu" and g.decoded_bytes == top_streamed)
+                        or count[tier] == 1 or (target in STREAMING_TIERS and count.get(target, 0) == 0)):
+                    tiers[g.gid] = target
+                    vram = make(tiers).weight_vram
+                    tiers[g.gid] = tier
+                else:
+                    vram = current + _resident_cost(g, target) - _resident_cost(g, tier)
+                if not fits(vram):
+                    continue
+                value = (PCIE_WEIGHT * g.stored_bytes if tier in STAGED_TIERS else 0) + (
+                    g.decoded_bytes if target == "gpu" else 0)
+                score = value / max(vram - current, 1)  # free (or shrinking) upgrades first
+                if best is None or score > best[0]:
+                    best = (score, g.gid, target, vram)
+        if best is None:
+            return
+        _, gid, target, current = best
+        tiers[gid] = target
+
+
+def _resident_cost(g: GroupCost, tier: str) -> int:
+    return g.decoded_bytes if tier == "gpu" else g.stored_bytes if tier == "gpu-compressed" else 0
