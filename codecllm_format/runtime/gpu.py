@@ -132,7 +132,9 @@ class GpuProvider:
         residency: "gpu", "gpu-compressed", "host", "disk" or "auto" (with max_vram). Default:
             "auto" when max_vram is given, else "host" (the least VRAM).
         max_vram: budget for weights + reserve, bytes or "6GiB".
-        slots: streaming buffers (2 = prefetch one group ahead).
+        slots: streaming buffers; with prefetch, groups are scheduled as many ahead as there are
+            slots besides the one computing (2: one ahead; 3: two ahead, measured no faster on
+            TinyLlama's host tier on an H200, 2026-11-27: the copies are the bound).
         verify: check chunk checksums before any chunk reaches the GPU (default True).
             False skips that for trusted files: a corrupt file may then decode to garbage.
         prefetch: decode the next group while the current one computes.
