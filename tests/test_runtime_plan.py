@@ -88,6 +88,15 @@ def test_layout_maps_every_int8_chunk(tmp_path):
             assert torch.equal(buf[sl.scale_offset : sl.scale_offset + 4 * rows].view(torch.float32), raw.scales)
         assert "model.layers.0.norm.weight" not in lay.tensors
         assert np.all(np.diff(lay.out_offsets) > 0)
+        # the CPU fill (row tables decoded at load without the GPU) lands the same tensors
+        from codecllm_format.runtime.layout import fill_on_cpu, slice_views
+        from codecllm_format.runtime.provider import CpuProvider
+
+        filled = torch.full((lay.decoded_bytes,), 0xAB, dtype=torch.uint8)
+        fill_on_cpu(CpuProvider(f), lay, filled)
+        for sl in lay.tensors.values():
+            for a, b in zip(slice_views(filled, sl), slice_views(buf, sl)):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("limit", [4096, 10000, 3 * 4096, 1 << 20])

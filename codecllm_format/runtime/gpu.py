@@ -33,7 +33,7 @@ from ..reader import CllmFile
 from ..writer import DTYPE_TO_TORCH
 from .cuda_copy import HostToDevice
 from .disk import GroupReader
-from .layout import GroupLayout, build_layouts, slice_views
+from .layout import GroupLayout, build_layouts, fill_on_cpu, slice_views
 from .planes import interleave_planes
 from .nvcomp_decoder import EncodedGroup, GroupDecoder, file_encoding, import_nvcomp
 from .plan import STAGED_TIERS, ResidencyPlan, plan_residency
@@ -311,17 +311,22 @@ class GpuProvider:
         return out
 
     def _load_host_tables(self) -> None:
-        """Row-only tables: decoded once here (on the GPU, verified like any group first) into
-        pinned host memory, which the GPU reads rows from directly (see _map_host_table). Where
-        it can't, rows are gathered on the CPU: from this copy for an ANS table (the CPU cannot
-        decode ANS), by decoding the chunks that hold them for a zstd one (no copy kept)."""
+        """Row-only tables: decoded once here into pinned host memory, which the GPU reads rows
+        from directly (see _map_host_table): a zstd table on the CPU (no VRAM beyond the plan,
+        even for a large vocabulary), an ANS table on the GPU (only nvCOMP decodes ANS), both
+        with their checksums checked first. Where the GPU can't map that memory, rows are
+        gathered on the CPU: from this copy for an ANS table, by decoding the chunks that hold
+        them for a zstd one (no copy kept)."""
         for g, lay in self._rows_only.items():
-            compressed = self._group_to_device(g, lay)
-            out = torch.empty(lay.decoded_bytes, dtype=torch.uint8, device=self.device)
-            self._decode_now(g, compressed, out, lay=lay)
             host = torch.empty(lay.decoded_bytes, dtype=torch.uint8, pin_memory=True)
-            host.copy_(out)
-            del compressed, out
+            if lay.codec == "ans":
+                compressed = self._group_to_device(g, lay)
+                out = torch.empty(lay.decoded_bytes, dtype=torch.uint8, device=self.device)
+                self._decode_now(g, compressed, out, lay=lay)
+                host.copy_(out)
+                del compressed, out
+            else:
+                fill_on_cpu(self.cpu_fallback, lay, host)
             mapped = _map_host_table(host, self.device)
             if mapped is None and lay.codec != "ans":
                 continue

@@ -146,6 +146,17 @@ def slice_views(buf, sl):
     return q, s
 
 
+def fill_on_cpu(cpu, layout: GroupLayout, out) -> None:
+    """Decode every int8 tensor of `layout` with the CPU provider `cpu` (zstd, checksums checked)
+    into `out` (uint8 torch tensor of at least layout.decoded_bytes), at the offsets a GPU decode
+    would put them: the same buffer, without the GPU (no VRAM for a table decoded at load)."""
+    for name, sl in layout.tensors.items():
+        q, s = cpu.linear_weight(name)
+        qv, sv = slice_views(out, sl)
+        qv.copy_(q.reshape(qv.shape))
+        sv.copy_(s.reshape(sv.shape))
+
+
 def build_layouts(index: Index, planes: set[str] | None = None) -> dict[int, GroupLayout]:
     """A GroupLayout for every group holding int8_row, int8_group or float_planes tensors (other groups are
     not streamed). A group decodes in one batched call of one codec: float_planes tensors whose
