@@ -69,7 +69,8 @@ class Timeline:
     def report(self) -> dict:
         """Milliseconds per use (relative to the first mark) and totals: copy, decode and stall
         time, and the share of copy+decode time hidden behind compute ("overlap")."""
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         uses = [u for u in self.uses if "wait_start" in u.events and "compute_end" in u.events]
         if not uses:
             return {"uses": [], "groups": 0}
