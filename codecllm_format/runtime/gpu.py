@@ -45,6 +45,8 @@ READ_SLICE = 4 * 1024 * 1024
 """Disk tier: a group is copied out of the page cache in slices of this size ..."""
 READ_THREADS = min(4, os.cpu_count() or 1)
 """... by this many threads at once."""
+
+
 class _DeviceAlias:
     """A CUDA array interface over pinned host memory, for torch.as_tensor: with unified virtual
     addressing, pinned host memory is mapped into every device's address space under its host
