@@ -226,11 +226,10 @@ def test_auto_takes_the_upgrade_that_shrinks_the_slots_first():
     assert streamed == 8 * 30 * MiB  # upgrading in file order would stream 9 blocks + lm_head
 
 
-def test_auto_planning_prices_moves_like_whole_plans_and_stays_fast():
+def test_auto_planning_prices_moves_like_whole_plans_and_stays_cheap(monkeypatch):
     """The planner prices most moves by their resident bytes alone: it must choose exactly what
-    pricing every move with a whole plan chooses, and plan a 160-block model quickly."""
+    pricing every move with a whole plan chooses, and price few moves wholly on a 160-block model."""
     import random
-    import time
 
     from codecllm_format.runtime import plan as plan_mod
 
@@ -281,8 +280,11 @@ def test_auto_planning_prices_moves_like_whole_plans_and_stays_fast():
         assert got.tiers == reference(groups, budget, 0, scratch), trial
 
     groups = [GroupCost(i, f"model.layers.{i}", (180 + i % 37) * MiB, 260 * MiB) for i in range(160)]
-    t0 = time.perf_counter()
+    whole_plans = []
+    streaming_cost = plan_mod._streaming_cost
+    monkeypatch.setattr(plan_mod, "_streaming_cost", lambda *a: whole_plans.append(1) or streaming_cost(*a))
     p = plan_residency(groups, "auto", max_vram="20GiB", reserve="1GiB")
-    assert time.perf_counter() - t0 < 5
+    # pricing every move wholly would build a plan per candidate per upgrade: ~30,000 here
+    assert len(whole_plans) < 4 * len(groups)
     assert p.weight_vram + p.reserve_bytes <= 20 * 2**30
     assert "gpu-compressed" in p.tiers.values() and "host" in p.tiers.values()
