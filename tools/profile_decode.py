@@ -207,27 +207,22 @@ def sync_points(generate, prompt, n: int = 4) -> dict:
     import warnings
 
     where: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        key = f"{str(message)[:60]} @ " + (f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?")
+        where[key] = where.get(key, 0) + 1
+
     generate(prompt, 2)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
         warnings.simplefilter("always")
+        warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            orig = warnings.showwarning
-
-            def show(message, category, filename, lineno, file=None, line=None):
-                frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
-                key = f"{str(message)[:60]} @ " + (f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?")
-                where[key] = where.get(key, 0) + 1
-
-            warnings.showwarning = show
             generate(prompt, n)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            warnings.showwarning = orig
-    for w in caught:  # record=True bypasses showwarning: tally what was recorded
-        key = f"{str(w.message)[:60]} @ {Path(w.filename).name}:{w.lineno}"
-        where[key] = where.get(key, 0) + 1
     return {k: v / n for k, v in sorted(where.items(), key=lambda kv: -kv[1])}
 
 
