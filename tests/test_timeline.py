@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from codecllm_format.runtime.timeline import GroupUse, Timeline
+from codecllm_format.runtime.timeline import GroupUse, Timeline, summarize
 
 
 class _Event:
@@ -48,6 +48,11 @@ def test_report_sums_copy_decode_stall_and_overlap():
     assert rep["median_stall_ms"] == pytest.approx(0.25)
     assert [u["gid"] for u in rep["uses"]] == [1, 2, 3]
     assert "copy_ms" not in rep["uses"][2]
+    # totals over a subset (bench_generate: the decode steps only)
+    later = summarize(rep["uses"][1:])
+    assert later["groups"] == 2 and later["span_ms"] == pytest.approx(3.0)
+    assert later["copy_ms"] == pytest.approx(2.0) and later["stall_ms"] == pytest.approx(0.25)
+    assert summarize([]) == {"groups": 0}
 
 
 def test_provider_bookkeeping_pairs_schedules_with_uses():

@@ -218,7 +218,7 @@ def generation_timeline(m, prompt: torch.Tensor, new_tokens: int = 8) -> dict:
     """Per-group timeline of one generation with a streaming tier (runtime/timeline.py): copy,
     decode and stall milliseconds per token, and the share of copy+decode hidden behind compute.
     The first token (prefill) is left out; event recording slows the host, so no tok/s here."""
-    from codecllm_format.runtime.timeline import Timeline
+    from codecllm_format.runtime.timeline import Timeline, summarize
 
     provider = m.provider
     if not hasattr(provider, "timeline") or all(t == "gpu" for t in provider.plan.tiers.values()):
@@ -239,14 +239,11 @@ def generation_timeline(m, prompt: torch.Tensor, new_tokens: int = 8) -> dict:
     steady = uses[starts[1]:]  # the traced run's own prefill left out
     tokens = len(starts) - 1
     per_token = len(steady) / tokens
-    span = steady[-1]["compute_end"] - steady[0]["wait_start"]
-    out = {"tokens": tokens, "groups_per_token": per_token, "gpu_span_ms_per_token": span / tokens}
+    total = summarize(steady)
+    out = {"tokens": tokens, "groups_per_token": per_token, "gpu_span_ms_per_token": total["span_ms"] / tokens,
+           "overlap": total["overlap"], "copy_gbps": total["copy_gbps"]}
     for k in ("copy_ms", "decode_ms", "stall_ms", "compute_ms"):
-        out[k.replace("_ms", "_ms_per_token")] = sum(r.get(k, 0.0) for r in steady) / tokens
-    streamed = out["copy_ms_per_token"] + out["decode_ms_per_token"]
-    out["overlap"] = 1.0 - out["stall_ms_per_token"] / streamed if streamed else None
-    copied = sum(r["compressed_bytes"] for r in steady if "copy_ms" in r)
-    out["copy_gbps"] = copied / (out["copy_ms_per_token"] * tokens / 1000) / 1e9 if out["copy_ms_per_token"] else None
+        out[k.replace("_ms", "_ms_per_token")] = total[k] / tokens
     worst = sorted(steady, key=lambda r: -r["stall_ms"])[:5]
     out["worst_stalls"] = [{k: r.get(k) for k in ("gid", "tier", "stall_ms", "copy_ms", "decode_ms", "compute_ms")} for r in worst]
     out["one_token"] = steady[: int(round(per_token))]

@@ -86,21 +86,29 @@ class Timeline:
             if "decode_start" in t:
                 row["decode_ms"] = t["decode_end"] - t["decode_start"]
             rows.append(row)
-        span = max(r["compute_end"] for r in rows) - min(r["wait_start"] for r in rows)
-        copy = sum(r.get("copy_ms", 0.0) for r in rows)
-        decode = sum(r.get("decode_ms", 0.0) for r in rows)
-        stall = sum(r["stall_ms"] for r in rows)
-        copied = sum(r["compressed_bytes"] for r in rows if "copy_ms" in r)
-        streamed = [r for r in rows if "decode_ms" in r]
-        return {
-            "groups": len(rows),
-            "span_ms": span,
-            "copy_ms": copy,
-            "decode_ms": decode,
-            "stall_ms": stall,
-            "compute_ms": sum(r["compute_ms"] for r in rows),
-            "copy_gbps": copied / (copy / 1000) / 1e9 if copy else None,
-            "overlap": 1.0 - stall / (copy + decode) if copy + decode else None,
-            "median_stall_ms": statistics.median(r["stall_ms"] for r in streamed) if streamed else 0.0,
-            "uses": rows,
-        }
+        return {**summarize(rows), "uses": rows}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Totals over some of report()'s rows (all of them, or e.g. the decode steps only): span
+    from the first wait to the last compute end, copy / decode / stall / compute milliseconds,
+    copy GB/s, and the share of copy+decode time hidden behind compute ("overlap")."""
+    if not rows:
+        return {"groups": 0}
+    span = max(r["compute_end"] for r in rows) - min(r["wait_start"] for r in rows)
+    copy = sum(r.get("copy_ms", 0.0) for r in rows)
+    decode = sum(r.get("decode_ms", 0.0) for r in rows)
+    stall = sum(r["stall_ms"] for r in rows)
+    copied = sum(r["compressed_bytes"] for r in rows if "copy_ms" in r)
+    streamed = [r for r in rows if "decode_ms" in r]
+    return {
+        "groups": len(rows),
+        "span_ms": span,
+        "copy_ms": copy,
+        "decode_ms": decode,
+        "stall_ms": stall,
+        "compute_ms": sum(r["compute_ms"] for r in rows),
+        "copy_gbps": copied / (copy / 1000) / 1e9 if copy else None,
+        "overlap": 1.0 - stall / (copy + decode) if copy + decode else None,
+        "median_stall_ms": statistics.median(r["stall_ms"] for r in streamed) if streamed else 0.0,
+    }
