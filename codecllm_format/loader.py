@@ -43,6 +43,7 @@ from .errors import CodecUnavailable, DeviceError, LoadError, TrustRequired
 from .hub import resolve as resolve_path
 from .reader import CllmFile, open_cllm
 from .runtime.modules import CompressedEmbedding, CompressedFloatLinear, CompressedLinear, FusedProjection
+from .runtime.norms import fuse_rms_norms
 from .runtime.provider import CpuProvider, WeightProvider
 
 TASKS = {
@@ -284,9 +285,11 @@ class CllmModel:
         config: the transformers config.
         provider: the WeightProvider the compressed modules read from.
         file: the open CllmFile.
+        fused_norms: how many RMSNorm modules run as runtime.norms.FusedRMSNorm (see load's fuse_norms).
     """
 
-    def __init__(self, model, tokenizer, config, provider: WeightProvider, cllm: CllmFile, device: torch.device, dtype: torch.dtype, hooks: list):
+    def __init__(self, model, tokenizer, config, provider: WeightProvider, cllm: CllmFile, device: torch.device,
+                 dtype: torch.dtype, hooks: list, fused_norms: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -295,6 +298,7 @@ class CllmModel:
         self.device = device
         self.dtype = dtype
         self._hooks = hooks
+        self.fused_norms = fused_norms
 
     def __repr__(self) -> str:
         n_lin = sum(isinstance(m, CompressedLinear) for m in self.model.modules())
@@ -863,6 +867,7 @@ def load(
     revision: str | None = None,
     token: str | bool | None = None,
     trust_gpu_codecs: bool = False,
+    fuse_norms: bool | None = None,
     **runtime_options: Any,
 ) -> CllmModel:
     """Load a .cllm file as a runnable model whose int8 weights stay compressed.
@@ -888,6 +893,10 @@ def load(
         trust_gpu_codecs: needed to load a file whose int8 weights are stored as nvCOMP ANS
             (`cllm-convert --codec ans`; GPU only): nvCOMP's ANS decoder assumes valid input and
             an ANS chunk cannot be checked on the CPU, so pass True only for files you trust.
+        fuse_norms: replace the model's RMSNorm modules by runtime.norms.FusedRMSNorm (one
+            F.rms_norm kernel + the weight multiply instead of eight ops; each module checked
+            against its own forward first). None (default): on CUDA only, where decoding at
+            batch 1 is bound by kernel launches; False keeps transformers' modules.
         **runtime_options: passed to the provider's constructor (threads=; GPU: residency=, max_vram=, ...).
 
     Returns:
@@ -917,14 +926,17 @@ def load(
     factory = None
     if devices is not None:
         from .runtime.multi import gpu_factory as factory
+    if fuse_norms is None:
+        fuse_norms = all(d.type == "cuda" for d in (devices or [dev]))
     return _load_resolved(path, dev, provider_cls, dtype, task=task, auto_class=auto_class, tokenizer=tokenizer,
                           devices=devices, factory=factory, runtime_options=runtime_options,
-                          trust_gpu_codecs=trust_gpu_codecs)
+                          trust_gpu_codecs=trust_gpu_codecs, fuse_norms=fuse_norms)
 
 
 def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | None, *, task=None, auto_class=None,
                    tokenizer: bool = True, devices: list[torch.device] | None = None, factory=None,
-                   runtime_options: dict | None = None, trust_gpu_codecs: bool = False) -> CllmModel:
+                   runtime_options: dict | None = None, trust_gpu_codecs: bool = False,
+                   fuse_norms: bool = False) -> CllmModel:
     """load() after the arguments were checked: `devices` (with `factory`, see
     runtime/multi.py) splits the model over those devices; None loads it on `dev` with one
     `provider_cls`. CPU tests call it with devices=[cpu, cpu] to run the split's code path."""
@@ -978,7 +990,8 @@ def _load_resolved(path, dev: torch.device, provider_cls, dtype: torch.dtype | N
                 model.hf_device_map = placement.hf_device_map()
         for p in model.parameters():
             p.requires_grad_(False)
-        return CllmModel(model, tok, model.config, provider, cllm, dev, compute, hooks)
+        fused = fuse_rms_norms(model, compute) if fuse_norms else 0
+        return CllmModel(model, tok, model.config, provider, cllm, dev, compute, hooks, fused_norms=fused)
     except BaseException:
         if provider is not None:
             provider.close()

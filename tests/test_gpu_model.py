@@ -58,6 +58,8 @@ def test_every_tier_matches_the_cpu_path(tiny_llama):
                 first = got
             else:
                 assert torch.equal(got, first), f"tier {tier} differs from tier gpu"
+            # on CUDA the RMSNorms run as one F.rms_norm kernel + the weight multiply (runtime/norms.py)
+            assert m.fused_norms == 2 * 4 + 1, tier
             # all resident: nothing to schedule, so no group hooks (they cost host time per block)
             hooked = any(x._forward_pre_hooks for x in m.model.modules())
             assert hooked == (tier != "gpu"), tier

@@ -19,6 +19,7 @@ every shape up to 7B on an H100/H200: this says which calls cost it.
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import io
 import json
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import codecllm_format as cf  # noqa: E402
+from codecllm_format.runtime.norms import fuse_rms_norms  # noqa: E402
 from bench_generate import SHAPES, build_reference, generation_timeline, hf_generate, print_timeline, write_cllm  # noqa: E402
 
 
@@ -251,6 +253,27 @@ def probe_group_hooks(provider, repeats: int = 200) -> dict:
     return r
 
 
+ABLATIONS = ("no_copy", "no_decode")
+
+
+def ablate_pipeline(provider, no_copy: int = 0, no_decode: int = 0) -> dict:
+    """Turn a streaming provider's per-group H2D copies and/or decodes into no-ops (after load:
+    the resident groups are already decoded), so that timing shows what each costs; the weights
+    the model then computes with are garbage. Returns the ablations applied (for the variant name)."""
+    if no_copy and not no_decode:
+        raise SystemExit("no_copy needs no_decode (nvCOMP would decode another group's stale bytes; gpu-compressed "
+                         "is the tier without copies)")
+    done = {}
+    if no_copy:
+        provider._h2d.copy = lambda dst, src: None
+        done["no_copy"] = 1
+    if no_decode:
+        provider._bound.clear()
+        provider.decoder.bind = lambda *a, **k: (lambda: None)
+        done["no_decode"] = 1
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -262,8 +285,12 @@ def main(argv=None) -> int:
     ap.add_argument("--host-chunks", default=None, metavar="0,1048576",
                     help="also load the host tier once per in-memory chunk size listed (chunk_bytes=; 0: the file's chunks)")
     ap.add_argument("--variant", action="append", default=[], metavar="TIER:key=val[,key=val]",
-                    help="also load TIER with these runtime options (ints), e.g. host:slots=3 (repeatable)")
+                    help="also load TIER with these load/runtime options (ints), e.g. host:slots=3 or host:fuse_norms=0; "
+                         "no_decode=1 (with or without no_copy=1) turns the streaming decodes (and copies) into no-ops "
+                         "(timing only: the weights are garbage) to see what each costs the host (repeatable)")
     ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd", help="codec of the int8 weights in the file")
+    ap.add_argument("--bf16-fused-norms", action="store_true",
+                    help="also time bf16 with the RMSNorm modules fused as cllm fuses them (runtime/norms.py)")
     ap.add_argument("--no-profile", action="store_true", help="timing only")
     ap.add_argument("--sync-debug", action="store_true", help="count host synchronizations per token, by call site")
     ap.add_argument("--json", default=None)
@@ -279,21 +306,27 @@ def main(argv=None) -> int:
     model = build_reference(args.shape, "cuda")
     write_cllm(model, path, os.cpu_count(), args.file_codec)
     variants = {"bf16": hf_generate(model)}
-    loaded = []
+    if args.bf16_fused_norms:  # the same norm kernels as ours, on a copy of the bf16 model
+        fused_model = copy.deepcopy(model)
+        print(f"bf16-fusednorms: {fuse_rms_norms(fused_model, torch.bfloat16)} RMSNorm modules fused")
+        variants["bf16-fusednorms"] = hf_generate(fused_model)
+    loaded: dict = {}  # variant name -> CllmModel
     for tier in [t for t in args.tiers.split(",") if t]:
         m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False,
                     trust_gpu_codecs=args.file_codec == "ans")  # our own file
-        loaded.append(m)
+        loaded[f"cllm-{tier}"] = m
         variants[f"cllm-{tier}"] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
                                                                        do_sample=False))(m)
     extra = [f"host:chunk_bytes={c}" for c in (args.host_chunks or "").split(",") if c] + args.variant
     for spec in extra:
         tier, _, opts = spec.partition(":")
         kw = {k: int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+        ablate = {k: kw.pop(k) for k in ABLATIONS if k in kw}
         m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False,
                     trust_gpu_codecs=args.file_codec == "ans", **kw)
-        loaded.append(m)
+        kw.update(ablate_pipeline(m.provider, **ablate))
         name = f"cllm-{tier}-" + "-".join(f"{k}{v}" for k, v in kw.items())  # plain file names (no '@', '=')
+        loaded[name] = m
         variants[name] = (lambda mm: lambda p, n: mm.generate(p, max_new_tokens=n, min_new_tokens=n,
                                                              do_sample=False))(m)
     results = {"shape": args.shape, "file_codec": args.file_codec, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -303,11 +336,12 @@ def main(argv=None) -> int:
         print(f"  {k:<20} {r['tok_s']:8.2f} tok/s  ratio to bf16 (median of rounds) {r['ratio_to_first']:.3f}  "
               f"runs {', '.join(f'{x:.1f}' for x in r['runs'])}")
     results["timeline"] = {}
-    for name, m in zip([k for k in variants if k != "bf16"], loaded):
+    for name, m in loaded.items():
         t = results["timeline"][name] = generation_timeline(m, prompt, 16)
         print_timeline(name, t)
     results["blocks"] = {}
-    models = {"bf16": model, **{name: m.model for name, m in zip([k for k in variants if k != "bf16"], loaded)}}
+    models = {"bf16": model, **({"bf16-fusednorms": fused_model} if args.bf16_fused_norms else {}),
+              **{name: m.model for name, m in loaded.items()}}
     for name, gen in variants.items():
         b = results["blocks"][name] = block_times(models[name], gen, prompt)
         print(f"  {name:<26} per block: host {b['block_host_us']:.0f} us, GPU {b['block_gpu_us']:.0f} us; between steps: "
@@ -319,10 +353,10 @@ def main(argv=None) -> int:
             sp = results["syncs_per_token"][name] = sync_points(gen, prompt)
             print(f"  {name}: host synchronizations per token: " + ("; ".join(f"{v:.1f}x {k}" for k, v in sp.items()) or "none"))
     results["group_hooks"] = {}
-    for name, m in zip([k for k in variants if k != "bf16"], loaded):
+    for name, m in loaded.items():
         if hasattr(m.provider, "begin_group"):
             results["group_hooks"][name] = probe_group_hooks(m.provider)
-    host = [m for m in loaded if "host" in m.provider.plan.tiers.values()]
+    host = [m for m in loaded.values() if "host" in m.provider.plan.tiers.values()]
     if host:
         results["decode_blocking"] = probe_decode_blocking(host[0].provider)
     if not args.no_profile:
