@@ -128,6 +128,14 @@ def _scenario_layouts(tk):
     for qq, ss in ((q2, s2), (q, s), (q2, s2), (q, s)):  # two weight sets in turn (streaming slots)
         out["same"].append(_same(plan(x1, qq, ss, b), tk.int8_linear_triton(x1, qq, ss, b)))
     out["binds_after_alternating"] = plan.binds
+    # as many weight sets as a plan remembers (slots=4), in turn: bound once each, then never again
+    sets = [(q, s), (q2, s2)] + [(q.roll(j, 0), s * (j + 1)) for j in (1, 2)]
+    for qq, ss in sets * 3:
+        out["same"].append(_same(plan(x1, qq, ss, b), tk.int8_linear_triton(x1, qq, ss, b)))
+    out["binds_after_four_sets"] = plan.binds
+    for qq, ss in (sets + [(q.roll(3, 0), s * 5)]) * 2:  # one set more than it remembers: each call re-binds
+        plan(x1, qq, ss, b)
+    out["binds_after_five_sets"] = plan.binds
     xt = torch.randn(k, 3, generator=torch.Generator().manual_seed(24)).bfloat16().t()  # (3, k) column-major
     out["transposed_entry"] = type(check(xt)).__name__
     out["normal_calls"] = tk.STATS["normal_calls"]
@@ -302,7 +310,7 @@ def test_plan_is_built_once_and_reused(interp, name):
 @needs_triton
 def test_plan_layouts_weights_and_copies(interp):
     r = _get(interp, "layouts")
-    assert all(r["same"]) and len(r["same"]) == 11
+    assert all(r["same"]) and len(r["same"]) == 23
     assert r["builds_two_m"] == 2  # M=1 and M=4: one entry each
     assert r["row_stride_entry"] == "_Fast" and r["misaligned_entry"] == "_Fast"
     assert r["builds_after_layouts"] == 4
@@ -310,6 +318,9 @@ def test_plan_layouts_weights_and_copies(interp):
     assert r["builds_after_new_weights"] == 4  # same weight layout: the entry is shared
     assert r["new_weights_differ"]  # ... and the launch used this call's tensors
     assert r["binds_after_alternating"] == r["binds_after_new_weights"]  # both bindings remembered
+    assert r["binds_after_four_sets"] == r["binds_after_alternating"] + 2  # the two new sets, once each
+    # five sets: the fifth is new, then (least recently used first out) every call of the second round misses
+    assert r["binds_after_five_sets"] == r["binds_after_four_sets"] + 1 + 5
     assert r["transposed_entry"] == "_Normal" and r["strided_bias_entry"] == "_Normal"
     assert r["normal_calls"] >= 1
     assert r["shared_plan_same"]
@@ -393,9 +404,9 @@ def test_triton_plan_copies_empty():
     from codecllm_format.runtime import triton_kernels as tk
 
     plan = tk.LinearPlan()
-    plan._w = plan._prev = ("not", "empty")
+    plan._w, plan._prev = ("not", "empty"), (("not", "empty"),)
     for dup in (copy.deepcopy(plan), pickle.loads(pickle.dumps(plan))):
-        assert dup._w is None and dup._prev is None and dup.binds == 0
+        assert dup._w is None and dup._prev == () and dup.binds == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -904,19 +904,21 @@ def _build_fast(weights: _Weights, key, x, q, s, b):
 class LinearPlan:
     """The dispatch cache of one module's int8_linear calls (CompressedLinear keeps one).
 
-    Remembers the last two sets of weight tensors it saw (q and scales by weak reference, the
-    bias by identity, address and dtype: a streaming provider alternates between two slot
-    buffers) and their layout's entries; a call with the same weights costs identity checks, one
-    dict lookup on the activation's layout and the launch. Calls return None where the kernels
-    can't take the inputs (the caller then uses the reference). Copies and pickles of a plan
-    start empty.
+    Remembers the last BINDINGS sets of weight tensors it saw (q and scales by weak reference,
+    the bias by identity, address and dtype: a streaming provider cycles a group through its
+    slot buffers, one binding per slot) and their layout's entries; a call with the same weights
+    costs identity checks, one dict lookup on the activation's layout and the launch. Calls
+    return None where the kernels can't take the inputs (the caller then uses the reference).
+    Copies and pickles of a plan start empty.
     """
+
+    BINDINGS = 4  # weight sets remembered: streaming slots up to this many never re-bind
 
     __slots__ = ("_w", "_prev", "binds", "__weakref__")
 
     def __init__(self):
         self._w = None  # (weakref(q), weakref(scales), bias, bias address, bias dtype, _Weights)
-        self._prev = None  # the binding before
+        self._prev = ()  # the bindings before, most recent first
         self.binds = 0
 
     def __call__(self, x, q, scales, bias=None):
@@ -939,16 +941,17 @@ class LinearPlan:
         return e(x, q, scales, bias)
 
     def _rebind(self, q, scales, bias):
-        p = self._prev
-        if (
-            p is not None
-            and p[0]() is q
-            and p[1]() is scales
-            and p[2] is bias
-            and (bias is None or (bias.data_ptr() == p[3] and bias.dtype is p[4]))
-        ):
-            self._prev, self._w = self._w, p
-            return p
+        older = self._prev
+        for i, p in enumerate(older):
+            if (
+                p[0]() is q
+                and p[1]() is scales
+                and p[2] is bias
+                and (bias is None or (bias.data_ptr() == p[3] and bias.dtype is p[4]))
+            ):
+                self._prev = (self._w,) + older[:i] + older[i + 1 :]
+                self._w = p
+                return p
         w = (
             weakref.ref(q),
             weakref.ref(scales),
@@ -957,7 +960,9 @@ class LinearPlan:
             None if bias is None else bias.dtype,
             _weights_of(q, scales, bias),
         )
-        self._prev, self._w = self._w, w
+        if self._w is not None:
+            older = ((self._w,) + older)[: self.BINDINGS - 1]
+        self._prev, self._w = older, w
         self.binds += 1
         return w
 
