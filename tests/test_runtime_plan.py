@@ -52,6 +52,22 @@ def test_auto_prefers_fastest_tier_that_fits():
         plan_residency(groups, "auto", max_vram=100 * MiB, reserve=0)
 
 
+def test_auto_keeps_a_large_head_when_that_is_what_lets_the_slots_fit():
+    """TinyLlama's proportions: 22 blocks (stored 39, decoded 44 MiB) and an lm_head of 57 / 66
+    MiB. With 3 slots, all-host needs 3 x (57 + 66) = 369 MiB; the head on the GPU (66 MiB)
+    shrinks every slot to 39 + 44: 315 MiB. A 340 MiB budget is refused by the first plan and
+    held by the second (the head resident, the blocks streamed)."""
+    groups = _groups(22, 39 * MiB, 44 * MiB) + [GroupCost(22, "lm_head", 57 * MiB, 66 * MiB)]
+    p = plan_residency(groups, "auto", max_vram=340 * MiB, reserve=0, slots=3)
+    assert p.tiers[22] == "gpu" and p.weight_vram <= 340 * MiB
+    assert sum(t == "host" for t in p.tiers.values()) >= 21
+    assert p.slot_bytes == 44 * MiB and p.staging_bytes == 39 * MiB
+    with pytest.raises(cf.CllmError, match="cannot hold even the streaming buffers.*with 3 slots.*fewer slots"):
+        plan_residency(groups, "auto", max_vram=300 * MiB, reserve=0, slots=3)
+    # blocks of one size: moving one to the GPU shrinks nothing, so nothing moves before the budget check
+    assert plan_residency(_groups(), "auto", max_vram=2 * 220 * MiB, reserve=0).tiers == {i: "host" for i in range(8)}
+
+
 def test_budget_checks_and_bad_options():
     with pytest.raises(cf.CllmError, match="over max_vram"):
         plan_residency(_groups(), "gpu", max_vram="500MiB")

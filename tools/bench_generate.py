@@ -352,6 +352,7 @@ def main(argv=None) -> int:
                     "default: one GPU")
     ap.add_argument("--max-vram", default=None, help='budget of the "auto" tier (e.g. 0.35GiB; list auto in --tiers)')
     ap.add_argument("--reserve", default=None, help='VRAM the "auto" plan keeps for the KV cache and activations')
+    ap.add_argument("--slots", type=int, default=None, help="streaming slots of the streaming tiers (default: the runtime's, 2)")
     ap.add_argument("--file-codec", choices=("zstd", "ans"), default="zstd",
                     help="codec of the int8 weights in the .cllm (ans: cllm-convert --codec ans; the tiers then use it "
                     "as stored, the disk tier decodes ANS)")
@@ -435,8 +436,15 @@ def main(argv=None) -> int:
         base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         budget = {"max_vram": args.max_vram, "reserve": args.reserve} if tier == "auto" else {}
-        m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False, **budget,
-                    trust_gpu_codecs=args.file_codec == "ans")  # our own file
+        if args.slots and tier != "gpu":
+            budget["slots"] = args.slots
+        try:
+            m = cf.load(path, device=dev, dtype=torch.bfloat16, residency=tier, tokenizer=False, **budget,
+                        trust_gpu_codecs=args.file_codec == "ans")  # our own file
+        except cf.CllmError as e:  # e.g. a budget these slots cannot fit: record it, bench the other tiers
+            print(f"cllm {tier}: not loaded: {e}", flush=True)
+            results["variants"][f"cllm-{tier}"] = {"error": str(e)}
+            continue
         load_s = time.perf_counter() - t0
         loaded = torch.cuda.memory_allocated()
         r = time_generate(lambda p, n: m.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False), prompt,
@@ -477,6 +485,9 @@ def main(argv=None) -> int:
     print(f"\n{args.shape} on {results['device']} ({results['date']}), batch 1, 16-token prompt, {args.new_tokens} new tokens, greedy")
     print(f"{'variant':<26} {'tok/s':>8} {'peak GiB':>9} {'x bf16':>7} {'x offload':>9}  peak GiB per GPU")
     for name, r in results["variants"].items():
+        if "error" in r:
+            print(f"{name:<26} not loaded: {r['error']}")
+            continue
         xo = f"{r['tok_s'] / off['tok_s']:.2f}" if off else "-"
         per = " + ".join(f"{x:.3f}" for x in r.get("peak_vram_gib_per_gpu", []))
         print(f"{name:<26} {r['tok_s']:>8.2f} {r['peak_vram_gib']:>9.3f} {r['tok_s'] / base['tok_s']:>7.2f} {xo:>9}  {per}")
@@ -488,6 +499,8 @@ def main(argv=None) -> int:
         print(f"\n| variant | tok/s (runs) | peak GiB per GPU {devices} | x bf16 1 GPU | blocks per GPU | same tokens |")
         print("| --- | --- | --- | ---: | --- | --- |")
         for name, r in results["variants"].items():
+            if "error" in r:
+                continue
             runs = ", ".join(f"{x:.2f}" for x in r["tok_s_runs"])
             per = " / ".join(f"{x:.3f}" for x in r.get("peak_vram_gib_per_gpu", []))
             same = {True: "yes", False: "**no**"}.get(r.get("same_tokens_as_first_tier"), "-")

@@ -322,8 +322,12 @@ def main(argv=None) -> int:
         tier, _, opts = spec.partition(":")
         kw = {k: int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
         ablate = {k: kw.pop(k) for k in ABLATIONS if k in kw}
-        m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False,
-                    trust_gpu_codecs=args.file_codec == "ans", **kw)
+        try:
+            m = cf.load(path, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False,
+                        trust_gpu_codecs=args.file_codec == "ans", **kw)
+        except cf.CllmError as e:  # e.g. a budget these slots cannot fit: say so, time the others
+            print(f"variant {spec}: not loaded: {e}", flush=True)
+            continue
         kw.update(ablate_pipeline(m.provider, **ablate))
         name = f"cllm-{tier}-" + "-".join(f"{k}{v}" for k, v in kw.items())  # plain file names (no '@', '=')
         loaded[name] = m

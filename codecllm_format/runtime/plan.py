@@ -168,12 +168,43 @@ def plan_residency(
     tiers = {g.gid: "host" for g in groups}
     base = make(tiers)
     if base.weight_vram + reserve_bytes > budget:
+        _shrink_slots(groups, tiers, make)  # a head much larger than a block: keep it, stream the rest
+        base = make(tiers)
+    if base.weight_vram + reserve_bytes > budget:
         raise CllmError(
             f"max_vram={budget / 2**20:.0f} MiB cannot hold even the streaming buffers "
-            f"({base.weight_vram / 2**20:.0f} MiB) plus the {reserve_bytes / 2**20:.0f} MiB reserve"
+            f"({base.weight_vram / 2**20:.0f} MiB with {slots} slots) plus the {reserve_bytes / 2**20:.0f} MiB reserve"
+            + (" (fewer slots= need less)" if slots > 2 else "")
         )
     _upgrade_greedily(groups, tiers, make, lambda vram: vram + reserve_bytes <= budget)
     return make(tiers)
+
+
+def _shrink_slots(groups: list[GroupCost], tiers: dict[int, str], make) -> None:
+    """The smallest plan from all-host: while moving the group that sizes the slots (the
+    largest streamed one) to the GPU shrinks the whole plan (every slot gets smaller by more
+    than the group costs resident: an lm_head twice a block's size, with 3 slots), do it."""
+    current = make(tiers).weight_vram
+    while True:
+        streamed = [g for g in groups if tiers[g.gid] in STREAMING_TIERS]
+        if not streamed:
+            return
+        best = None
+        for g in streamed:
+            if g.stored_bytes < max(x.stored_bytes for x in streamed) and g.decoded_bytes < max(
+                    x.decoded_bytes for x in streamed):
+                continue  # sizes neither buffer
+            for target in _UPGRADES[tiers[g.gid]]:
+                tier = tiers[g.gid]
+                tiers[g.gid] = target
+                vram = make(tiers).weight_vram
+                tiers[g.gid] = tier
+                if vram < current and (best is None or vram < best[0]):
+                    best = (vram, g.gid, target)
+        if best is None:
+            return
+        current, gid, target = best
+        tiers[gid] = target
 
 
 PCIE_WEIGHT = 16
