@@ -895,8 +895,10 @@ def load(
             an ANS chunk cannot be checked on the CPU, so pass True only for files you trust.
         fuse_norms: replace the model's RMSNorm modules by runtime.norms.FusedRMSNorm (one
             F.rms_norm kernel + the weight multiply instead of eight ops; each module checked
-            against its own forward first). None (default): on CUDA only, where decoding at
-            batch 1 is bound by kernel launches; False keeps transformers' modules.
+            against its own forward first; equal within one rounding, not bit for bit). None
+            (default): on CUDA only, where decoding at batch 1 is bound by kernel launches;
+            False keeps transformers' modules (and, for a lossless file, transformers' outputs
+            bit for bit).
         **runtime_options: passed to the provider's constructor (threads=; GPU: residency=, max_vram=, ...).
 
     Returns:

@@ -263,6 +263,9 @@ def test_host_to_device_copy_with_one_runtime_call():
     assert h2d.direct
     host = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8).pin_memory()
     dst = torch.zeros(4 << 20, dtype=torch.uint8, device="cuda")
+    # the zero fill runs on the current stream: the copy's stream must wait for it (without this
+    # the fill could land after the copy; it did under 8 test workers on one GPU)
+    stream.wait_stream(torch.cuda.current_stream())
     h2d.copy(dst[5 : 5 + host.numel()], host)
     done = torch.cuda.Event()
     done.record(stream)

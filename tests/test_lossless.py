@@ -134,7 +134,10 @@ def test_a_provider_without_float_weight_gets_parameters(lossless, monkeypatch):
 def test_gpu_load_equals_transformers_on_the_gpu(lossless, tier):
     """device='cuda', every tier: lossless Linear weights are decoded from their planes with the
     group (nvCOMP) and re-interleaved per forward (Triton), giving transformers' outputs on the
-    same GPU exactly."""
+    same GPU exactly: with transformers' own norm modules (fuse_norms=False), and with the
+    fused RMSNorm on both sides (the default on CUDA runs other norm kernels than transformers)."""
+    from codecllm_format.runtime.norms import fuse_rms_norms
+
     arch, dtype, hf, path, tok = lossless
     compute = torch.float32 if dtype == torch.float16 else dtype
     ref = _reference(arch, hf, compute).to("cuda")
@@ -142,12 +145,19 @@ def test_gpu_load_equals_transformers_on_the_gpu(lossless, tier):
     with torch.no_grad():
         want = ref(ids)
     with codecllm_format.load(path, device="cuda", dtype=compute, residency=tier) as m:
+        fused = m.fused_norms
+        got_fused = m(ids)
+    with torch.no_grad():
+        assert fuse_rms_norms(ref, compute) == fused
+        want_fused = ref(ids)
+    key = "logits" if arch != "bert" else "last_hidden_state"
+    assert torch.equal(getattr(got_fused, key), getattr(want_fused, key))
+    with codecllm_format.load(path, device="cuda", dtype=compute, residency=tier, fuse_norms=False) as m:
         got = m(ids)
         got2 = m(ids)  # second forward: slots reused, planes decoded again
         n_float = sum(isinstance(mod, CompressedFloatLinear) for mod in m.model.modules())
         streamed = sum(len(lay.planes) for lay in m.provider.layouts.values())
         calls = m.provider.stats["float_calls"]
-    key = "logits" if arch != "bert" else "last_hidden_state"
     assert n_float > 0 and streamed == n_float, (n_float, streamed)
     assert calls == 2 * n_float
     assert torch.equal(getattr(got, key), getattr(want, key))
