@@ -262,29 +262,39 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
                      "VRAM, decoded per forward), host (compressed in pinned RAM, streamed: least VRAM; the default), "
                      "disk (read from the file each forward), auto (fastest mix that fits --max-vram)")
     gpu.add_argument("--max-vram", default=None, help="VRAM budget for weights + KV cache, e.g. 6GiB (with --residency auto)")
+    gpu.add_argument("--slots", type=int, default=None,
+                     help="streaming buffers of the streaming tiers (default 2: one group prefetched ahead; 3 keeps the "
+                     "copies going across token boundaries when the host->GPU link is the bound, for one more buffer)")
     gpu.add_argument("--codec", choices=("auto", "zstd", "ans"), default=None,
                      help="in-memory codec of the host/gpu-compressed tiers (default auto = nvCOMP ANS)")
+    gpu.add_argument("--no-fuse-norms", action="store_true",
+                     help="keep transformers' RMSNorm modules (by default on CUDA each runs as one fused kernel plus "
+                     "the weight multiply: fewer launches, equal within one rounding)")
     gpu.add_argument("--trust-gpu-codecs", action="store_true",
                      help="allow loading a file whose int8 weights are stored as nvCOMP ANS (cllm-convert --codec ans): "
                      "nvCOMP decodes them without the checks zstd chunks get; only for files you trust")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
-    runtime = {k: v for k, v in (("residency", args.residency), ("max_vram", args.max_vram), ("codec", args.codec)) if v is not None}
+    if args.slots is not None and args.slots < 1:
+        p.error("--slots must be >= 1")
+    runtime = {k: v for k, v in (("residency", args.residency), ("max_vram", args.max_vram), ("codec", args.codec),
+                                 ("slots", args.slots)) if v is not None}
     if args.device_map is not None:
         if args.device is not None and args.device != "cuda":
             p.error(f"--device-map splits the model over GPUs: leave --device out (got --device {args.device})")
         if args.max_vram is not None and "," in args.max_vram:
             runtime["max_vram"] = [v.strip() for v in args.max_vram.split(",")]
     elif runtime and not (args.device or "cpu").startswith("cuda"):
-        p.error("--residency, --max-vram and --codec need --device cuda or --device-map")
+        p.error("--residency, --max-vram, --slots and --codec need --device cuda or --device-map")
     where = {"device_map": args.device_map} if args.device_map is not None else {"device": args.device or "cpu"}
 
     def body() -> int:
         from .loader import load
 
         try:
-            model = load(args.file, dtype=args.dtype, trust_gpu_codecs=args.trust_gpu_codecs, **where, **runtime)
+            model = load(args.file, dtype=args.dtype, trust_gpu_codecs=args.trust_gpu_codecs,
+                         fuse_norms=False if args.no_fuse_norms else None, **where, **runtime)
         except ValueError as e:  # a bad --dtype
             raise CllmError(str(e)) from None
         with model:

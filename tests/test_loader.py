@@ -366,6 +366,9 @@ def test_cli_generate(llama, capsys):
     assert out == want + "\n"
     rc = generate_main([str(path), "what is", "--max-new-tokens", "3", "--chat"])
     assert rc == 0
+    capsys.readouterr()
+    rc = generate_main([str(path), "paris is the", "--max-new-tokens", "4", "--no-fuse-norms"])  # CPU: the same text
+    assert rc == 0 and capsys.readouterr().out == want + "\n"
     rc = generate_main([str(path), "paris", "--device", "cuda:99"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("cllm-generate: error: ") and "Traceback" not in err

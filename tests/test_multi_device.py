@@ -455,6 +455,12 @@ def test_cli_device_map_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main(["x.cllm", "hi", "--residency", "gpu"])
     assert "need --device cuda or --device-map" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_main(["x.cllm", "hi", "--slots", "3"])
+    assert "need --device cuda or --device-map" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_main(["x.cllm", "hi", "--device", "cuda", "--slots", "0"])
+    assert "--slots must be >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         make_folder("llama", tmp_path / "llama")
         path = tmp_path / "l.cllm"

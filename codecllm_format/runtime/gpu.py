@@ -135,8 +135,10 @@ class GpuProvider:
             "auto" when max_vram is given, else "host" (the least VRAM).
         max_vram: budget for weights + reserve, bytes or "6GiB".
         slots: streaming buffers; with prefetch, groups are scheduled as many ahead as there are
-            slots besides the one computing (2: one ahead; 3: two ahead, measured no faster on
-            TinyLlama's host tier on an H200, 2026-11-27: the copies are the bound).
+            slots besides the one computing (2: one ahead; 3: two ahead). Where the host->GPU
+            copies are the bound, 3 keeps the link busy across token boundaries too: TinyLlama's
+            host tier on an H200 ran at 98% of its PCIe bound with 3 against 74-90% with 2
+            (2026-11-27, once its norms were fused), for one more slot of VRAM.
         verify: check chunk checksums before any chunk reaches the GPU (default True).
             False skips that for trusted files: a corrupt file may then decode to garbage.
         prefetch: decode the next group while the current one computes.
