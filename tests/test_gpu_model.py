@@ -90,6 +90,30 @@ def test_memory_flat_over_500_tokens(tiny_llama, tier):
         assert torch.cuda.max_memory_allocated() - base <= bound
 
 
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_three_slots_share_two_staging_buffers(tiny_llama, tier):
+    """slots=3 (prefetch two groups ahead): three output buffers, two staging buffers taken in
+    turn; the same logits and tokens as slots=2, and no more VRAM than the plan."""
+    ids = torch.randint(0, 2048, (1, 12), generator=torch.Generator().manual_seed(6)).cuda()
+    with cf.load(tiny_llama, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False) as m:
+        ref = [_logits(m, ids) for _ in range(2)]
+        ref_tokens = m.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False).cpu()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    with cf.load(tiny_llama, device="cuda", dtype=torch.bfloat16, residency=tier, tokenizer=False, slots=3) as m:
+        p = m.provider
+        loaded = torch.cuda.memory_allocated() - base
+        assert len(p.slots) == 3 and len(p.stagings) == 2 == p.plan.staging_buffers
+        assert loaded <= p.plan.weight_vram + (4 << 20), (loaded, p.plan.weight_vram)
+        for want in ref:
+            assert torch.equal(_logits(m, ids), want)
+        tokens = m.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False).cpu()
+        assert torch.equal(tokens, ref_tokens)
+        used = {k[2] for k in p._bound}
+        assert used == {0, 1} and len({k[1] for k in p._bound}) == 3  # both stagings, all three slots
+
+
 @pytest.mark.parametrize("tier", ["host", "gpu-compressed", "disk"])
 def test_timeline_records_every_streamed_group(tiny_llama, tier):
     from codecllm_format.runtime.timeline import Timeline

@@ -40,6 +40,17 @@ def test_fixed_tier_costs(tier):
         assert p.resident_bytes == 0 and p.weight_vram == 2 * (100 + 120) * MiB
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3, 4])
+def test_staging_buffers_are_shared_beyond_two_slots(slots):
+    """One output buffer per slot, one staging buffer per slot up to two: a third slot costs a
+    decoded buffer only (the copies and decodes run in order, see plan.STAGING_BUFFERS)."""
+    p = plan_residency(_groups(), "host", slots=slots)
+    assert p.slots == slots and p.staging_buffers == min(slots, 2)
+    assert p.weight_vram == slots * 120 * MiB + min(slots, 2) * 100 * MiB
+    g = plan_residency(_groups(), "gpu-compressed", slots=slots)
+    assert g.staging_buffers == 0 and g.weight_vram == 8 * 100 * MiB + slots * 120 * MiB
+
+
 def test_auto_prefers_fastest_tier_that_fits():
     groups = _groups()
     assert set(plan_residency(groups, "auto", max_vram=8 * 120 * MiB + 300 * MiB).tiers.values()) == {"gpu"}
@@ -54,16 +65,17 @@ def test_auto_prefers_fastest_tier_that_fits():
 
 def test_auto_keeps_a_large_head_when_that_is_what_lets_the_slots_fit():
     """TinyLlama's proportions: 22 blocks (stored 39, decoded 44 MiB) and an lm_head of 57 / 66
-    MiB. With 3 slots, all-host needs 3 x (57 + 66) = 369 MiB; the head on the GPU (66 MiB)
-    shrinks every slot to 39 + 44: 315 MiB. A 340 MiB budget is refused by the first plan and
-    held by the second (the head resident, the blocks streamed)."""
+    MiB. With 3 slots (and 2 staging buffers), all-host needs 3 x 66 + 2 x 57 = 312 MiB; the head
+    on the GPU (66 MiB) shrinks every buffer to a block's: 66 + 3 x 44 + 2 x 39 = 276 MiB. A
+    300 MiB budget is refused by the first plan and held by the second (the head resident, the
+    blocks streamed)."""
     groups = _groups(22, 39 * MiB, 44 * MiB) + [GroupCost(22, "lm_head", 57 * MiB, 66 * MiB)]
-    p = plan_residency(groups, "auto", max_vram=340 * MiB, reserve=0, slots=3)
-    assert p.tiers[22] == "gpu" and p.weight_vram <= 340 * MiB
+    p = plan_residency(groups, "auto", max_vram=300 * MiB, reserve=0, slots=3)
+    assert p.tiers[22] == "gpu" and p.weight_vram <= 300 * MiB
     assert sum(t == "host" for t in p.tiers.values()) >= 21
-    assert p.slot_bytes == 44 * MiB and p.staging_bytes == 39 * MiB
+    assert p.slot_bytes == 44 * MiB and p.staging_bytes == 39 * MiB and p.staging_buffers == 2
     with pytest.raises(cf.CllmError, match="cannot hold even the streaming buffers.*with 3 slots.*fewer slots"):
-        plan_residency(groups, "auto", max_vram=300 * MiB, reserve=0, slots=3)
+        plan_residency(groups, "auto", max_vram=270 * MiB, reserve=0, slots=3)
     # blocks of one size: moving one to the GPU shrinks nothing, so nothing moves before the budget check
     assert plan_residency(_groups(), "auto", max_vram=2 * 220 * MiB, reserve=0).tiers == {i: "host" for i in range(8)}
 

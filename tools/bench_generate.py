@@ -181,7 +181,7 @@ def stream_profile(provider) -> dict:
     g = max(gids, key=lambda x: provider.layouts[x].decoded_bytes)
     lay, enc, slot = provider.layouts[g], provider.encoded[g], provider.slots[0]
     tier = provider.plan.tiers[g]
-    src = provider.dev_store[g] if tier == "gpu-compressed" else slot.staging[: enc.length]
+    src = provider.dev_store[g] if tier == "gpu-compressed" else provider.stagings[0][: enc.length]
     out = {"group": lay.name, "codec": enc.codec, "compressed_bytes": enc.length, "decoded_bytes": lay.decoded_bytes}
 
     def timed(fn, stream):

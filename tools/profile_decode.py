@@ -117,7 +117,7 @@ def probe_decode_blocking(provider, repeats: int = 15) -> dict:
     p = provider
     gid = next(g for g, t in p.plan.tiers.items() if t == "host" and len(p.layouts[g].tensors) > 3)
     enc, lay, slot = p.encoded[gid], p.layouts[gid], p.slots[0]
-    src, host = slot.staging[: enc.length], p.host_store[gid]
+    src, host = p.stagings[0][: enc.length], p.host_store[gid]
     src.copy_(host)
     torch.cuda.synchronize()
     idle, pending, copy_ms = [], [], []

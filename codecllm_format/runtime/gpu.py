@@ -1,12 +1,15 @@
 """GpuProvider: int8 weights for CompressedLinear on a CUDA device, by residency tier.
 
-Decompress -> compute -> free in fixed memory: streaming tiers share `slots` buffers allocated
-once at load (a staging buffer for compressed bytes and an output buffer for int8 + scales).
-Ordering is by CUDA events only — no host synchronization on the per-layer path:
+Decompress -> compute -> free in fixed memory: streaming tiers share `slots` output buffers
+(int8 + scales) and the staged tiers up to two staging buffers (compressed bytes), all allocated
+once at load. Ordering is by CUDA events only — no host synchronization on the per-layer path:
 
-  copy stream:    [H2D group g -> staging[k]]  (waits: decode of staging[k]'s previous group read it)
-  decode stream:  [nvCOMP decode staging[k] -> slot[k]]  (waits: copy done; compute done with slot[k])
+  copy stream:    [H2D group g -> staging[j]]  (waits: the decode that last read staging[j])
+  decode stream:  [nvCOMP decode staging[j] -> slot[k]]  (waits: copy done; compute done with slot[k])
   compute stream: waits decode done, runs the block, records "slot[k] free" at end_group
+
+Staging buffers are taken in turn (with 2 slots, staging[k] goes with slot[k]): copies and decodes
+each run in scheduling order, so a third slot costs one more output buffer only (plan.STAGING_BUFFERS).
 
 While group g computes, the next group (learned from the order groups are used) is already
 copied and decoded into the other slot (prefetch). No chunk reaches nvCOMP before its
@@ -78,12 +81,9 @@ def _map_host_table(host: torch.Tensor, device: torch.device) -> torch.Tensor | 
 class _Slot:
     index: int
     out: torch.Tensor
-    staging: torch.Tensor | None
     gid: int | None = None
     free_event: torch.cuda.Event | None = None
     """Recorded on the compute stream when the slot's group finished computing."""
-    read_event: torch.cuda.Event | None = None
-    """Recorded on the decode stream once the staging buffer has been consumed."""
     ready_event: torch.cuda.Event | None = None
     """Recorded on the decode stream when the slot holds the decoded group."""
     last_used: int = -1
@@ -258,7 +258,8 @@ class GpuProvider:
         self._next: dict[int, int] = {}
         self._resident_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # linear_weight's views, by asked name
         self._slot_views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # by (name, slot index)
-        self._bound: dict[tuple[int, int], tuple] = {}  # (group, slot index) -> (source view, prepared decode)
+        # (group, slot index, staging index or None) -> (source view, prepared decode)
+        self._bound: dict[tuple[int, int, int | None], tuple] = {}
         self._last_gid: int | None = None
         self._active: dict[int, _Slot] = {}
         self._transient: list[int] = []
@@ -422,8 +423,13 @@ class GpuProvider:
         self.slots: list[_Slot] = []
         for k in range(self.plan.slots):
             out = torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=dev)
-            staging = torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=dev) if self.plan.staging_bytes else None
-            self.slots.append(_Slot(k, out, staging, events=(torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())))
+            self.slots.append(_Slot(k, out, events=(torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event())))
+        n_staging = self.plan.staging_buffers
+        self.stagings = [torch.empty(self.plan.staging_bytes, dtype=torch.uint8, device=dev) for _ in range(n_staging)]
+        # per staging buffer: recorded on the decode stream after the decode that read it (None: unused yet)
+        self._staging_read: list[torch.cuda.Event | None] = [None] * n_staging
+        self._staging_events = [torch.cuda.Event() for _ in range(n_staging)]
+        self._copies = 0
         disk = {g: self.layouts[g].file_length for g, t in tiers.items() if t == "disk"}
         self.disk_reader = GroupReader(self._read_group_into, disk, buffers=self.read_ahead + 1) if disk else None
         self._copy_pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cllm-disk-copy") if disk else None
@@ -465,19 +471,25 @@ class GpuProvider:
         slot.gid = gid
         enc = self.encoded[gid]
         trace = self.timeline.scheduled(gid, tier, enc.length) if self.timeline is not None else None
-        bound = self._bound.get((gid, slot.index))
-        if bound is None:  # this group's source view and prepared decode into this slot, once
-            src = self.dev_store[gid] if tier == "gpu-compressed" else slot.staging[: enc.length]
-            bound = self._bound[(gid, slot.index)] = (src, self.decoder.bind(enc, lay, src, slot.out))
-        src, decode = bound
+        j = None  # staging buffer: with as many as slots, the slot's own; else the next in turn
         if tier != "gpu-compressed":
+            n = len(self.stagings)
+            j = slot.index if n == len(self.slots) else self._copies % n
+            self._copies += 1
+        key = (gid, slot.index, j)
+        bound = self._bound.get(key)
+        if bound is None:  # this group's source view and prepared decode into this slot, once
+            src = self.dev_store[gid] if j is None else self.stagings[j][: enc.length]
+            bound = self._bound[key] = (src, self.decoder.bind(enc, lay, src, slot.out))
+        src, decode = bound
+        if j is not None:
             disk_buffer = None
             if tier == "disk":
                 host, disk_buffer = self.disk_reader.take(gid)  # read ahead on the reader's thread
             else:
                 host = self.host_store[gid]
-            if slot.read_event is not None:
-                self.copy_stream.wait_event(slot.read_event)
+            if self._staging_read[j] is not None:  # the decode that last read this staging buffer
+                self.copy_stream.wait_event(self._staging_read[j])
             if trace is not None:
                 self.timeline.mark(trace, "copy_start", self.copy_stream)
             self._h2d.copy(src, host)
@@ -499,7 +511,9 @@ class GpuProvider:
             self.timeline.mark(trace, "decode_end", self.decode_stream)
         slot.ready_event = slot.events[0]
         slot.ready_event.record(self.decode_stream)
-        slot.read_event = slot.ready_event
+        if j is not None:
+            self._staging_read[j] = self._staging_events[j]
+            self._staging_read[j].record(self.decode_stream)
         slot.free_event = None
         self.stats["decodes"] += 1
         self._active[gid] = slot
@@ -719,6 +733,7 @@ class GpuProvider:
             self._copy_pool.shutdown(wait=True)
         self.decoder.close()
         self.slots.clear()
+        self.stagings.clear()
         self._host_tables.clear()
         self._mapped_tables.clear()
         self._resident_views.clear()

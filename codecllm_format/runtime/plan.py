@@ -5,8 +5,9 @@ Pure Python over sizes from the index, so it is tested on the CPU. Tiers, fastes
   gpu-compressed  compressed chunks kept in VRAM, decoded into a slot every forward
   host            compressed chunks in pinned host RAM, copied + decoded every forward
   disk            chunks read from the memory-mapped file (page cache) every forward
-Streaming tiers share `slots` reusable buffers: a staging buffer (compressed bytes) and an
-output buffer (decoded int8 + scales), each sized for the largest streamed group.
+Streaming tiers share `slots` reusable output buffers (decoded int8 + scales), each sized for
+the largest streamed group, and the staged tiers (host, disk) up to STAGING_BUFFERS staging
+buffers for the compressed bytes copied to the GPU, sized for the largest staged group.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from ..errors import CllmError
 TIERS = ("gpu", "gpu-compressed", "host", "disk")
 STREAMING_TIERS = ("gpu-compressed", "host", "disk")
 STAGED_TIERS = ("host", "disk")
+STAGING_BUFFERS = 2
+"""Staging buffers are taken in turn, whatever the slots: copies run in order on one stream and
+decodes in the same order on another, so the copy of the group two ahead only has to wait for
+the decode of this one, long done by then. A third slot (prefetch two ahead) costs one more
+output buffer, not one more staging buffer."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class ResidencyPlan:
     tiers: dict[int, str]
     slots: int
     staging_bytes: int
-    """Per-slot compressed staging buffer (0 when nothing is staged)."""
+    """Each compressed staging buffer (0 when nothing is staged; see staging_buffers)."""
     slot_bytes: int
     """Per-slot decoded output buffer (0 when nothing streams)."""
     resident_bytes: int
@@ -51,10 +57,15 @@ class ResidencyPlan:
     """nvCOMP's temporary memory for the decodes the chosen tiers run every forward."""
 
     @property
+    def staging_buffers(self) -> int:
+        """How many staging buffers the streaming slots share: one per slot, at most STAGING_BUFFERS."""
+        return min(self.slots, STAGING_BUFFERS) if self.staging_bytes else 0
+
+    @property
     def weight_vram(self) -> int:
-        """Expected VRAM for weights: residents, all slots, the fixed and the decode scratch."""
-        return (self.resident_bytes + self.slots * (self.staging_bytes + self.slot_bytes) + self.scratch_bytes
-                + self.decode_scratch_bytes)
+        """Expected VRAM for weights: residents, slots, staging buffers, the fixed and the decode scratch."""
+        return (self.resident_bytes + self.slots * self.slot_bytes + self.staging_buffers * self.staging_bytes
+                + self.scratch_bytes + self.decode_scratch_bytes)
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -65,7 +76,8 @@ class ResidencyPlan:
         lines = [
             f"residency plan: {len(self.tiers)} layer groups: {tiers}",
             f"  expected weight VRAM {self.weight_vram / mib:.1f} MiB = resident {self.resident_bytes / mib:.1f} MiB"
-            f" + {self.slots} slots x (staging {self.staging_bytes / mib:.1f} + decoded {self.slot_bytes / mib:.1f} MiB)"
+            f" + {self.slots} slots x decoded {self.slot_bytes / mib:.1f} MiB"
+            + (f" + {self.staging_buffers} x staging {self.staging_bytes / mib:.1f} MiB" if self.staging_buffers else "")
             + (f" + scratch {self.scratch_bytes / mib:.1f} MiB" if self.scratch_bytes else "")
             + (f" + decode scratch {self.decode_scratch_bytes / mib:.1f} MiB" if self.decode_scratch_bytes else "")
             + f"; reserved for KV cache/activations {self.reserve_bytes / mib:.1f} MiB",

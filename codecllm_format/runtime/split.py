@@ -302,7 +302,8 @@ class SplitPlan:
             budget = f"max_vram {self.budgets[d] / MiB:.0f} MiB" if self.budgets[d] is not None else "no budget"
             lines.append(
                 f"  {dev}: {blocks}; expected weight VRAM {p.weight_vram / MiB:.1f} MiB "
-                f"(resident {p.resident_bytes / MiB:.1f} + {p.slots} slots x {(p.staging_bytes + p.slot_bytes) / MiB:.1f}), {budget}"
+                f"(resident {p.resident_bytes / MiB:.1f} + {p.slots} slots x {p.slot_bytes / MiB:.1f} + {p.staging_buffers} "
+                f"staging x {p.staging_bytes / MiB:.1f}), {budget}"
             )
         for g in sorted(self.group_device):
             d = self.group_device[g]
