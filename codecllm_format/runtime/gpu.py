@@ -137,8 +137,9 @@ class GpuProvider:
         slots: streaming buffers; with prefetch, groups are scheduled as many ahead as there are
             slots besides the one computing (2: one ahead; 3: two ahead). Where the host->GPU
             copies are the bound, 3 keeps the link busy across token boundaries too: TinyLlama's
-            host tier on an H200 ran at 98% of its PCIe bound with 3 against 74-90% with 2
-            (2026-11-27, once its norms were fused), for one more slot of VRAM.
+            host tier on an H200 ran at 91-98% of its PCIe bound with 3 against 74-90% with 2
+            (2026-11-27, once its norms were fused), for one more decoded buffer of VRAM (the
+            slots share at most two staging buffers).
         verify: check chunk checksums before any chunk reaches the GPU (default True).
             False skips that for trusted files: a corrupt file may then decode to garbage.
         prefetch: decode the next group while the current one computes.
