@@ -201,10 +201,11 @@ def _shrink_slots(groups: list[GroupCost], tiers: dict[int, str], make) -> None:
         streamed = [g for g in groups if tiers[g.gid] in STREAMING_TIERS]
         if not streamed:
             return
+        top_stored = max(g.stored_bytes for g in streamed)
+        top_decoded = max(g.decoded_bytes for g in streamed)
         best = None
         for g in streamed:
-            if g.stored_bytes < max(x.stored_bytes for x in streamed) and g.decoded_bytes < max(
-                    x.decoded_bytes for x in streamed):
+            if g.stored_bytes < top_stored and g.decoded_bytes < top_decoded:
                 continue  # sizes neither buffer
             for target in _UPGRADES[tiers[g.gid]]:
                 tier = tiers[g.gid]
